@@ -1,0 +1,186 @@
+"""Things every stage shares: where artifacts live, which device to use, torch.distributed setup, logging."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Where things live
+
+
+def get_base_dir() -> Path:
+    """Root of every artifact (tokenizer, checkpoints, report): $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"
+    base = Path(base).expanduser()
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def get_data_dir() -> Path | None:
+    """The local data mirror ($NANOCHAT_DATA_DIR), holding datasets in their upstream formats, if configured."""
+    data_dir = os.environ.get("NANOCHAT_DATA_DIR")
+    return Path(data_dir).expanduser() if data_dir else None
+
+
+def mirror_path(*parts: str) -> Path | None:
+    """`$NANOCHAT_DATA_DIR/<parts>` if the mirror is configured and holds that path."""
+    data_dir = get_data_dir()
+    if data_dir is None:
+        return None
+    path = data_dir.joinpath(*parts)
+    return path if path.exists() else None
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a reader never sees a half-written file, a crash never destroys the previous version
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # fsync the directory so the rename itself survives a power cut
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_replace(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    _atomic_replace(path, lambda f: torch.save(obj, f))
+
+
+# -----------------------------------------------------------------------------
+# Devices and dtypes
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def get_compute_dtype(device_type: str) -> torch.dtype:
+    """bf16 on CUDA GPUs that do it natively (SM80+), fp32 elsewhere; NANOCHAT_DTYPE overrides."""
+    override = os.environ.get("NANOCHAT_DTYPE")
+    if override:
+        if override not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[override]
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+# -----------------------------------------------------------------------------
+# torch.distributed, from torchrun's environment
+
+
+@dataclass
+class DistInfo:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    device_type: str
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(ddp, rank, local_rank, world_size) as torchrun sets them; a plain process is rank 0 of 1."""
+    if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device type {device_type!r} is not one of cuda, mps, cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type=cuda was asked for but no CUDA GPU is visible; use --device-type=cpu")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return DistInfo(ddp, rank, local_rank, world_size, device, device_type)
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+
+def print0(*args, **kwargs) -> None:
+    if get_dist_info()[1] == 0:
+        print(*args, **kwargs)
+
+
+class _NoWandb:
+    """Stands in for a wandb run when logging is off, so training loops need no branches."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def get_wandb(run: str, project: str, config: dict, master: bool):
+    """A real wandb run for `--run NAME` on the master rank; the default run name "dummy" turns wandb off."""
+    if run == "dummy" or not master:
+        return _NoWandb()
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError("--run was given but wandb is not installed: pip install -e .[wandb]") from e
+    return wandb.init(project=project, name=run, config=config)

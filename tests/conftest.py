@@ -1,0 +1,134 @@
+"""Fixtures shared across the suites: the local data mirror, a throwaway base dir, and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# the mirror of real data samples that sits beside the repo (see ../shared/data/README.md)
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory, monkeypatch):
+    """No test writes to ~/.cache: every test gets its own NANOCHAT_BASE_DIR and reads the shared mirror."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path_factory.mktemp("nanochat_base")))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(DATA_DIR))
+
+
+@pytest.fixture
+def base_dir(monkeypatch, tmp_path) -> Path:
+    path = tmp_path / "nanochat_base"
+    path.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mirror_texts() -> list[str]:
+    """A few hundred real documents from the mirror's first pretraining shard."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(DATA_DIR / "fineweb" / "shard_00000.parquet", columns=["text"])
+    return table.column("text").to_pylist()[:400]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(mirror_texts):
+    """A real BPE tokenizer (vocab 512, special tokens included) trained on the mirror's text."""
+    from nanochat.tokenizer import Tokenizer
+
+    texts = itertools.islice((text[:4000] for text in mirror_texts), 400)
+    return Tokenizer.train_from_iterator(texts, vocab_size=512)
+
+
+# -----------------------------------------------------------------------------
+# Serving (engine, batching, web API, UI): a tiny random chat model, a scripted model, a live HTTP server
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tiny_tokenizer):
+    """A random depth-2 GPT over the tiny tokenizer's vocab. Every weight is random (no zero-init identity blocks)
+    so outputs depend on the whole context; the special tokens' logits are pinned at 0, below the best of ~500
+    random logits, so greedy replies never end early and run to max_tokens."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(1234)
+    config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
+                       n_kv_head=2, n_embd=64)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+        special_ids = [tiny_tokenizer.encode_special(name) for name in tiny_tokenizer.get_special_tokens()]
+        model.lm_head.weight[special_ids] = 0.0
+    return model.eval()
+
+
+@pytest.fixture
+def scripted_gpt(tiny_tokenizer):
+    """Factory: scripted_gpt(prompt_len, script) -> a GPT whose next token after position p is always
+    script[p + 1 - prompt_len] (one-hot logits), so tests control exactly what the "model" writes.
+    Positions come from the KV cache, so forced tokens (tool output) take their slots in the script too."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    class ScriptedGPT(GPT):
+        def __init__(self, prompt_len: int, script: list[int]):
+            super().__init__(GPTConfig(sequence_len=prompt_len + len(script) + 8,
+                                       vocab_size=tiny_tokenizer.get_vocab_size(),
+                                       n_layer=1, n_head=1, n_kv_head=1, n_embd=8))
+            self.prompt_len, self.script = prompt_len, script
+
+        def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+            B, T = idx.shape
+            start = kv_cache.pos.clone() if kv_cache is not None else torch.zeros(B, dtype=torch.long)
+            if kv_cache is not None:
+                kv_cache.pos += T
+            logits = torch.full((B, T, self.config.vocab_size), -10.0)
+            for b in range(B):
+                for t in range(T):
+                    index = int(start[b]) + t + 1 - self.prompt_len
+                    if 0 <= index < len(self.script):
+                        logits[b, t, self.script[index]] = 10.0
+            return logits
+
+    return ScriptedGPT
+
+
+@pytest.fixture
+def live_server():
+    """Factory: live_server(app) -> base URL of a real uvicorn server on 127.0.0.1, stopped at teardown.
+    The socket is bound and listening before the URL is returned, so clients need not wait for start-up."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    servers = []
+
+    def start(app) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        servers.append((server, thread, sock))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread, sock in servers:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

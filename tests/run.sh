@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: installs everything the project needs (idempotently) and runs the Rust and Python suites.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+PY=.venv/bin/python
+
+# pip skips the install when the project and its dependencies are already up to date;
+# the Rust extension is rebuilt only when rustbpe/ changed (maturin/cargo are incremental).
+stamp=.venv/.nanochat-installed
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml rustbpe/src rustbpe/Cargo.toml -newer "$stamp" 2>/dev/null | head -1)" ]; then
+    "$PY" -m pip install --quiet --upgrade pip
+    "$PY" -m pip install --quiet -e ".[dev]"
+    touch "$stamp"
+fi
+
+(cd rustbpe && cargo test --quiet)
+"$PY" -m pytest -q "$@"
