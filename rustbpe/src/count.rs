@@ -37,30 +37,33 @@ fn hash_bytes(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
+impl Entry {
+    #[inline(always)]
+    fn bytes<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        &arena[self.start as usize..self.start as usize + self.len as usize]
+    }
+}
+
 impl ChunkCounts {
     /// Adds `count` occurrences of `chunk`.
     #[inline]
     pub fn add(&mut self, chunk: &[u8], count: u64) -> Result<(), Error> {
         let hash = hash_bytes(chunk);
         let arena = &self.arena;
-        let found = self.table.find_mut(hash, |e| {
-            e.len as usize == chunk.len()
-                && &arena[e.start as usize..e.start as usize + e.len as usize] == chunk
-        });
-        if let Some(entry) = found {
+        if let Some(entry) = self.table.find_mut(hash, |e| e.bytes(arena) == chunk) {
             entry.count += count;
             return Ok(());
         }
         // Offsets are u32 to keep entries small; 4 GiB of distinct chunk text is far past any real corpus.
-        let start = u32::try_from(self.arena.len()).map_err(|_| Error::TooManyChunks)?;
-        let len = u32::try_from(chunk.len()).map_err(|_| Error::TooManyChunks)?;
-        u32::try_from(self.arena.len() + chunk.len()).map_err(|_| Error::TooManyChunks)?;
+        let too_many = |_| Error::TooManyChunks;
+        let start = u32::try_from(self.arena.len()).map_err(too_many)?;
+        let len = u32::try_from(chunk.len()).map_err(too_many)?;
+        u32::try_from(self.arena.len() + chunk.len()).map_err(too_many)?;
         self.arena.extend_from_slice(chunk);
         let arena = &self.arena;
+        let entry = Entry { start, len, count };
         self.table
-            .insert_unique(hash, Entry { start, len, count }, |e| {
-                hash_bytes(&arena[e.start as usize..e.start as usize + e.len as usize])
-            });
+            .insert_unique(hash, entry, |e| hash_bytes(e.bytes(arena)));
         Ok(())
     }
 
@@ -82,12 +85,7 @@ impl ChunkCounts {
 
     /// The unique chunks and their counts, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], u64)> + '_ {
-        self.table.iter().map(|e| {
-            (
-                &self.arena[e.start as usize..e.start as usize + e.len as usize],
-                e.count,
-            )
-        })
+        self.table.iter().map(|e| (e.bytes(&self.arena), e.count))
     }
 }
 

@@ -123,7 +123,7 @@ impl Tokenizer {
     pub fn new() -> Self {
         Self {
             pattern: DEFAULT_PATTERN.to_string(),
-            splitter: Splitter::Gpt4Style { max_digits: 2 },
+            splitter: Splitter::default(),
             merges: Vec::new(),
             encoder: Encoder::new(&[]),
         }
@@ -174,8 +174,9 @@ impl Tokenizer {
         let mut seen = 0;
         std::thread::scope(|scope| -> PyResult<()> {
             let counter = &counter;
-            let mut batch = Vec::with_capacity(buffer_size);
-            let mut next = Vec::with_capacity(buffer_size);
+            // (capacity capped: buffer_size is the caller's, and the vectors grow as needed anyway)
+            let mut batch = Vec::with_capacity(buffer_size.min(1 << 16));
+            let mut next = Vec::with_capacity(buffer_size.min(1 << 16));
             let mut more = next_batch(&mut iterator, &mut batch, buffer_size, &mut seen)?;
             while !batch.is_empty() {
                 let worker = scope.spawn(move || {

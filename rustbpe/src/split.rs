@@ -28,6 +28,13 @@ pub enum Splitter {
     Regex(Regex),
 }
 
+impl Default for Splitter {
+    /// The splitter for DEFAULT_PATTERN.
+    fn default() -> Self {
+        Self::Gpt4Style { max_digits: 2 }
+    }
+}
+
 impl Splitter {
     pub fn new(pattern: &str) -> Result<Self, Error> {
         match pattern {

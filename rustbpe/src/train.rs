@@ -37,12 +37,18 @@ fn unkey(key: PairKey) -> Pair {
 }
 
 /// The unique chunks as token sequences, stored back to back: word `w` is
-/// `tokens[starts[w]..starts[w] + lens[w]]`. Merges shrink words in place.
+/// `tokens[info[w].start..info[w].start + info[w].len]`. Merges shrink words in place.
 struct Words {
     tokens: Vec<u32>,
-    starts: Vec<usize>,
-    lens: Vec<u32>,
-    counts: Vec<i64>,
+    info: Vec<WordInfo>,
+}
+
+/// Where a word is and how often it occurs, packed so one cache line fetch brings all of it.
+#[derive(Clone, Copy)]
+struct WordInfo {
+    start: u32,
+    len: u32,
+    count: i64,
 }
 
 impl Words {
@@ -50,31 +56,44 @@ impl Words {
     fn new<'a>(chunks: impl IntoIterator<Item = (&'a [u8], u64)>) -> Result<Self, Error> {
         let mut words = Words {
             tokens: Vec::new(),
-            starts: Vec::new(),
-            lens: Vec::new(),
-            counts: Vec::new(),
+            info: Vec::new(),
         };
         for (chunk, count) in chunks {
             if chunk.len() < 2 {
                 continue;
             }
-            words.starts.push(words.tokens.len());
-            words
-                .lens
-                .push(u32::try_from(chunk.len()).map_err(|_| Error::TooManyChunks)?);
-            words
-                .counts
-                .push(i64::try_from(count).map_err(|_| Error::TooManyChunks)?);
+            words.info.push(WordInfo {
+                start: u32::try_from(words.tokens.len()).map_err(|_| Error::TooManyChunks)?,
+                len: u32::try_from(chunk.len()).map_err(|_| Error::TooManyChunks)?,
+                count: i64::try_from(count).map_err(|_| Error::TooManyChunks)?,
+            });
             words.tokens.extend(chunk.iter().map(|&b| b as u32));
         }
-        // Word indices are stored as u32 in the pairs' word lists.
-        u32::try_from(words.starts.len()).map_err(|_| Error::TooManyChunks)?;
+        // Word indices are stored as u32 in the pairs' word lists, token offsets as u32 in WordInfo.
+        u32::try_from(words.info.len()).map_err(|_| Error::TooManyChunks)?;
+        u32::try_from(words.tokens.len()).map_err(|_| Error::TooManyChunks)?;
         Ok(words)
     }
 
     fn word(&self, w: usize) -> &[u32] {
-        &self.tokens[self.starts[w]..self.starts[w] + self.lens[w] as usize]
+        let info = self.info[w];
+        &self.tokens[info.start as usize..(info.start + info.len) as usize]
     }
+}
+
+/// Asks the CPU to start loading `value` into cache. The merge loop visits words scattered over a large arena;
+/// asking a few words ahead overlaps those cache misses instead of waiting on each (vocab 32768 on 60 MB of text:
+/// merge loop 0.72 -> 0.54 s of CPU time).
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults or writes memory, and the address comes from a reference.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 /// A pair's total count and the words it occurs in (sorted, no duplicates; possibly some it no longer occurs in).
@@ -88,7 +107,7 @@ struct PairState {
 fn count_pairs(words: &Words, range: std::ops::Range<usize>) -> FxHashMap<PairKey, PairState> {
     let mut pairs: FxHashMap<PairKey, PairState> = FxHashMap::default();
     for w in range {
-        let count = words.counts[w];
+        let count = words.info[w].count;
         for window in words.word(w).windows(2) {
             let state = pairs.entry(key(window[0], window[1])).or_default();
             state.count += count;
@@ -103,7 +122,7 @@ fn count_pairs(words: &Words, range: std::ops::Range<usize>) -> FxHashMap<PairKe
 /// `count_pairs` over all words, in parallel over contiguous ranges of words. Ranges are merged in order, so each
 /// pair's word list stays sorted.
 fn count_all_pairs(words: &Words) -> FxHashMap<PairKey, PairState> {
-    let n = words.starts.len();
+    let n = words.info.len();
     let parts = (rayon::current_num_threads() * 4).clamp(1, n.max(1));
     let bounds: Vec<usize> = (0..=parts).map(|i| i * n / parts).collect();
     let partials: Vec<_> = bounds
@@ -189,9 +208,8 @@ impl MergeDeltas {
 /// Replaces the occurrences of (a, b) in word `w` by `t`, left to right, recording the count changes.
 #[inline]
 fn merge_word(words: &mut Words, w: u32, (a, b): Pair, t: u32, deltas: &mut MergeDeltas) {
-    let start = words.starts[w as usize];
-    let len = words.lens[w as usize] as usize;
-    let count = words.counts[w as usize];
+    let WordInfo { start, len, count } = words.info[w as usize];
+    let (start, len) = (start as usize, len as usize);
     let word = &mut words.tokens[start..start + len];
     let (mut read, mut write) = (0, 0);
     while read < len {
@@ -219,7 +237,7 @@ fn merge_word(words: &mut Words, w: u32, (a, b): Pair, t: u32, deltas: &mut Merg
         }
         write += 1;
     }
-    words.lens[w as usize] = write as u32;
+    words.info[w as usize].len = write as u32;
 }
 
 /// Learns `vocab_size - 256` merges (fewer if the chunks run out of pairs) from unique chunks and their counts.
@@ -232,13 +250,8 @@ pub fn train<'a>(
         return Err(Error::VocabTooSmall(vocab_size));
     }
     let num_merges = (vocab_size - 256) as usize;
-    let t0 = std::time::Instant::now();
     let mut words = Words::new(chunks)?;
-    let t1 = std::time::Instant::now();
     let mut pairs = count_all_pairs(&words);
-    let t2 = std::time::Instant::now();
-    eprintln!("words {:.3} pairs {:.3} n_words {} tokens {} n_pairs {}", (t1-t0).as_secs_f64(), (t2-t1).as_secs_f64(), words.starts.len(), words.tokens.len(), pairs.len());
-    let mut occ = 0usize; let mut steps = 0usize; let mut stale = 0usize;
     // Max-heap on (count, smallest pair): Reverse makes the smaller key win among equal counts.
     let mut heap: BinaryHeap<(i64, Reverse<PairKey>)> = pairs
         .iter()
@@ -257,7 +270,6 @@ pub fn train<'a>(
             continue;
         };
         if state.count != count {
-            stale += 1;
             heap.push((state.count, Reverse(pair_key)));
             continue;
         }
@@ -266,14 +278,18 @@ pub fn train<'a>(
         let t = 256 + merges.len() as u32;
         merges.push(pair);
         deltas.grow(t as usize + 1);
-        occ += merged.words.len(); steps += 1;
-        if steps % 512 == 0 || steps < 5 { eprintln!("step {} t {:.3} occ {} this {}", steps, t2.elapsed().as_secs_f64(), occ, merged.words.len()); }
-        for &w in &merged.words {
+        for (i, &w) in merged.words.iter().enumerate() {
+            // two stages: a word's info 16 visits ahead, then (its info now cached) its tokens 8 visits ahead
+            if let Some(&ahead) = merged.words.get(i + 16) {
+                prefetch(&words.info[ahead as usize]);
+            }
+            if let Some(&ahead) = merged.words.get(i + 8) {
+                prefetch(&words.tokens[words.info[ahead as usize].start as usize]);
+            }
             merge_word(&mut words, w, pair, t, &mut deltas);
         }
         apply_deltas(&mut pairs, &mut heap, &mut deltas, pair, t);
     }
-    eprintln!("loop {:.3} occ {} stale {} heap {} pairs {}", t2.elapsed().as_secs_f64(), occ, stale, heap.len(), pairs.len());
     Ok(merges)
 }
 
