@@ -1,0 +1,242 @@
+"""Checkpoints: save and load a model, its per-rank training state and a JSON meta, for every stage.
+
+Layout: $NANOCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/<tag>/
+    model_<step:06d>.pt             the model's state_dict (rank 0)
+    optim_<step:06d>_rank<r>.pt     what rank r needs to resume: its optimizer states (the distributed optimizers
+                                    shard their state across ranks), plus whatever else the stage puts there
+    meta_<step:06d>.json            model config, tokenizer fingerprint, step, loop and dataloader state
+
+Every file is written atomically (temp name, fsync, rename) and the meta file last, after all ranks finished their
+files: a step whose meta exists is complete, and find_last_step only ever returns complete steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import atomic_torch_save, atomic_write_text, get_base_dir
+from nanochat.gpt import GPT, GPTConfig
+
+CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+                   "rl": "chatrl_checkpoints"}
+PRODUCERS = {"base": "python -m scripts.base_train", "mid": "python -m scripts.mid_train",
+             "sft": "python -m scripts.chat_sft", "rl": "python -m scripts.chat_rl"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the code/tokenizer that loads it."""
+
+
+def model_path(checkpoint_dir: Path, step: int) -> Path:
+    return Path(checkpoint_dir) / f"model_{step:06d}.pt"
+
+
+def meta_path(checkpoint_dir: Path, step: int) -> Path:
+    return Path(checkpoint_dir) / f"meta_{step:06d}.json"
+
+
+def optim_path(checkpoint_dir: Path, step: int, rank: int) -> Path:
+    return Path(checkpoint_dir) / f"optim_{step:06d}_rank{rank}.pt"
+
+
+# -----------------------------------------------------------------------------
+# Saving
+
+
+def model_meta(config: GPTConfig, tokenizer, step: int, **extra) -> dict:
+    """The meta every stage writes: what it takes to rebuild the model and check its tokenizer, plus stage state."""
+    return {"model_config": asdict(config), "tokenizer_fingerprint": tokenizer.fingerprint(), "step": step, **extra}
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, model_state: dict | None, optimizer_states, meta: dict,
+                    rank: int = 0) -> None:
+    """Every rank calls this (under torchrun it synchronizes the ranks): each writes its own optim file (skipped when
+    optimizer_states is None), rank 0 writes the model and, once every rank is done, the meta."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if optimizer_states is not None:
+        atomic_torch_save(optimizer_states, optim_path(checkpoint_dir, step, rank))
+    if rank == 0:
+        if model_state is None:
+            raise ValueError("rank 0 must pass the model state to save_checkpoint")
+        atomic_torch_save(model_state, model_path(checkpoint_dir, step))
+    if dist.is_initialized():
+        dist.barrier()  # the meta marks the step complete: only after every rank's optim file is on disk
+    if rank == 0:
+        atomic_write_text(meta_path(checkpoint_dir, step), json.dumps(meta, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def find_last_step(checkpoint_dir: Path) -> int:
+    """The largest step with a complete checkpoint (its meta file exists)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    steps = [int(m.group(1)) for p in checkpoint_dir.glob("meta_*.json")
+             if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))]
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint (meta_<step>.json) in {checkpoint_dir}: train one first, "
+                              "or pass the directory of an existing run")
+    return max(steps)
+
+
+def find_largest_tag(checkpoints_root: Path) -> str:
+    """The tag of the deepest model (d20 beats d12); tags not named d<depth> fall back to the newest directory."""
+    checkpoints_root = Path(checkpoints_root)
+    tags = [p for p in checkpoints_root.iterdir() if p.is_dir()] if checkpoints_root.is_dir() else []
+    if not tags:
+        raise CheckpointError(f"no checkpoints in {checkpoints_root}: run the stage that writes them first")
+    depths = [(int(m.group(1)), p.name) for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda p: p.stat().st_mtime).name
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def _load_torch(path: Path, device, what: str):
+    fallback = (f"delete {path.parent}/meta_{path.name.split('_')[1].split('.')[0]}.json to fall back to the "
+                "previous checkpoint, or retrain")
+    if not path.is_file():
+        raise CheckpointError(f"{path} ({what}) is missing: the checkpoint is incomplete; {fallback}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated zip, a bad pickle...: torch raises several types
+        raise CheckpointError(f"{path} ({what}) is corrupt or truncated ({type(e).__name__}: {e}); {fallback}") from e
+
+
+def load_meta(checkpoint_dir: Path, step: int) -> dict:
+    path = meta_path(checkpoint_dir, step)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: step {step} has no complete checkpoint in {checkpoint_dir}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        GPTConfig(**meta["model_config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}): delete this step's files to fall back "
+                              "to an earlier checkpoint") from e
+    return meta
+
+
+def load_checkpoint(checkpoint_dir: Path, step: int, device, load_optimizer: bool = False, rank: int = 0):
+    """(model_state, optimizer_states or None, meta) of one step; clear CheckpointErrors for missing/corrupt files."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = load_meta(checkpoint_dir, step)
+    model_state = _load_torch(model_path(checkpoint_dir, step), device, "model weights")
+    optimizer_states = None
+    if load_optimizer:
+        path = optim_path(checkpoint_dir, step, rank)
+        optimizer_states = _load_torch(path, device, f"optimizer state of rank {rank}; resuming needs the same "
+                                                     "number of processes as the run that saved it")
+    return model_state, optimizer_states, meta
+
+
+def build_model(meta: dict, device, phase: str, model_state: dict | None = None, source: str = "") -> GPT:
+    """The GPT described by meta["model_config"] on `device`, with `model_state` loaded (fresh init_weights() when it
+    is None), in train or eval mode. A state that does not fit the config raises a CheckpointError."""
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    config = GPTConfig(**meta["model_config"])
+    device = torch.device(device)
+    with torch.device(device):
+        model = GPT(config)
+    if model_state is None:
+        model.init_weights()
+    else:
+        # torch.compile prefixes parameter names; CPU/MPS compute in fp32 even if a GPU run saved bf16 weights
+        state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+        if device.type != "cuda":
+            state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            where = source or "the checkpoint"
+            raise CheckpointError(f"the weights in {where} do not match the model config in its meta file "
+                                  f"({config}): {e}. The files come from different runs; delete this step or "
+                                  "retrain") from e
+    model.train(phase == "train")
+    return model
+
+
+def load_model(source: str, device, phase: str, tag: str | None = None, step: int | None = None):
+    """(model, tokenizer, meta) of a stage's checkpoint: source in base|mid|sft|rl; the deepest tag and the last
+    step unless given. The tokenizer is the current one ($NANOCHAT_BASE_DIR/tokenizer) and must be the one the model
+    was trained with."""
+    from nanochat.tokenizer import get_tokenizer
+
+    if source not in CHECKPOINT_DIRS:
+        raise ValueError(f"source must be one of {sorted(CHECKPOINT_DIRS)}, got {source!r}")
+    root = get_base_dir() / CHECKPOINT_DIRS[source]
+    if tag is None:
+        try:
+            tag = find_largest_tag(root)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (`{PRODUCERS[source]}`)") from None
+    checkpoint_dir = root / tag
+    if step is None:
+        step = find_last_step(checkpoint_dir)
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    tokenizer = get_tokenizer()
+    check_tokenizer(meta, tokenizer, meta_path(checkpoint_dir, step))
+    model = build_model(meta, device, phase, model_state, source=str(model_path(checkpoint_dir, step)))
+    return model, tokenizer, meta
+
+
+def check_tokenizer(meta: dict, tokenizer, where: Path) -> None:
+    saved = meta.get("tokenizer_fingerprint")
+    if saved != tokenizer.fingerprint():
+        raise CheckpointError(
+            f"{where} was trained with tokenizer {saved}, but {get_base_dir() / 'tokenizer'} holds tokenizer "
+            f"{tokenizer.fingerprint()}: restore the tokenizer this model was trained with, or retrain the model "
+            "with the current one")
+    vocab_size = meta["model_config"]["vocab_size"]
+    if vocab_size < tokenizer.get_vocab_size():
+        raise CheckpointError(f"{where}: the model has {vocab_size} token embeddings but the tokenizer has "
+                              f"{tokenizer.get_vocab_size()} tokens")
+
+
+# -----------------------------------------------------------------------------
+# Per-rank state a checkpoint carries: data position and RNG, gathered into the meta by rank 0
+
+
+def gather_rank_states(state: dict) -> list[dict]:
+    """Every rank's `state` (JSON-able), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [state]
+    states: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def pick_rank_state(rank_states: list[dict], rank: int, world_size: int, checkpoint: str) -> dict:
+    """This rank's entry of a checkpoint's per-rank states; the data order depends on the number of ranks, so
+    an exact resume needs the same number."""
+    if len(rank_states) != world_size:
+        raise ValueError(f"{checkpoint} was written by {len(rank_states)} ranks but this run has {world_size}: "
+                         f"resume with the same number of processes (torchrun --nproc_per_node={len(rank_states)})")
+    return rank_states[rank]
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    if device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode("ascii")
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["cpu"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(decode(state["cuda"]), device)
