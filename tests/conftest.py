@@ -89,7 +89,7 @@ def scripted_gpt(tiny_tokenizer):
                                        n_layer=1, n_head=1, n_kv_head=1, n_embd=8))
             self.prompt_len, self.script = prompt_len, script
 
-        def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_to_keep=0):
             B, T = idx.shape
             start = kv_cache.pos.clone() if kv_cache is not None else torch.zeros(B, dtype=torch.long)
             if kv_cache is not None:
@@ -100,7 +100,7 @@ def scripted_gpt(tiny_tokenizer):
                     index = int(start[b]) + t + 1 - self.prompt_len
                     if 0 <= index < len(self.script):
                         logits[b, t, self.script[index]] = 10.0
-            return logits
+            return logits[:, -logits_to_keep:] if logits_to_keep else logits
 
     return ScriptedGPT
 
@@ -117,7 +117,9 @@ def live_server():
     servers = []
 
     def start(app) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP: asyncio only sets TCP_NODELAY on sockets that say they are TCP; without it every
+        # small response waits ~40 ms for a delayed ACK (Nagle)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
@@ -132,3 +134,26 @@ def live_server():
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@pytest.fixture
+def held_gpt(tiny_gpt):
+    """Factory: held_gpt(after_calls) -> (model, release): a copy of tiny_gpt whose forward call number `after_calls`
+    blocks until `release` (a threading.Event) is set, so a request is certainly still running while a test looks."""
+    import copy
+    import threading
+
+    def make(after_calls: int):
+        model, release, calls = copy.deepcopy(tiny_gpt), threading.Event(), []
+        inner_forward = model.forward
+
+        def forward(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == after_calls:
+                assert release.wait(timeout=60), "the test never released the held model"
+            return inner_forward(*args, **kwargs)
+
+        model.forward = forward
+        return model, release
+
+    return make

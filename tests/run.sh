@@ -8,6 +8,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 
+# The chat page is tested in a real headless browser: Debian's Chromium and its driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 # pip skips the install when the project and its dependencies are already up to date;
 # the Rust extension is rebuilt only when rustbpe/ changed (maturin/cargo are incremental).
 stamp=.venv/.nanochat-installed

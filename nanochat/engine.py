@@ -1,0 +1,293 @@
+"""Inference: sample from a GPT with a KV cache, run its python tool calls, stream complete UTF-8 text.
+
+Told in order: the sampler (batched, per-row settings), the tool-use state machine of one sample, the
+incremental text decoder, and the Engine that ties them together for one prompt and N samples.
+The continuous-batching scheduler that serves many prompts at once (nanochat/batching.py) reuses the
+sampler, the tool state machine and the text decoder, so a sample behaves the same in either place.
+"""
+
+from __future__ import annotations
+
+import ast
+import codecs
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+from nanochat.gpt import GPT, KVCache
+from nanochat.tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+# The sampler: one next token per row, each row with its own temperature / top-k / top-p
+
+
+def sample_next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       uniforms: torch.Tensor) -> torch.Tensor:
+    """Next token per row of `logits` (B, V), by inverse-CDF sampling with the given uniforms (B,) in [0, 1).
+
+    temperature (B,) float: 0 = greedy (argmax); top_k (B,) long: 0 = off; top_p (B,) float: 1 = off (applied
+    after top-k, to the renormalized top-k distribution, as Hugging Face does). Each row consumes exactly one
+    uniform per step, drawn from its own sample's generator, so a seeded request samples the same tokens whether
+    it runs alone or beside others in a batch.
+    """
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = temperature > 0
+    if not bool(sampled_rows.any()):
+        return greedy  # fast path: an all-greedy batch skips the softmax
+    scaled = logits / torch.where(sampled_rows, temperature, 1.0)[:, None]
+    tokens = greedy.clone()
+    vocab_size = logits.size(-1)
+    # Three kinds of rows, each sampled over as few candidates as it needs: top-k rows over the k best (a topk,
+    # not a sort of the whole vocabulary: at 65k tokens that is the difference between 0.1 and 3 ms a row),
+    # top-p-only rows over the sorted vocabulary, unfiltered rows straight from the softmax.
+    kinds = (sampled_rows & (top_k > 0), sampled_rows & (top_k <= 0) & (top_p < 1.0),
+             sampled_rows & (top_k <= 0) & (top_p >= 1.0))
+    for kind, rows in enumerate(kinds):
+        if not bool(rows.any()):
+            continue
+        rows = rows.nonzero().squeeze(1)
+        if kind == 2:
+            tokens[rows] = _inverse_cdf(torch.softmax(scaled[rows], dim=-1), uniforms[rows], None)
+            continue
+        k = min(int(top_k[rows].max()), vocab_size) if kind == 0 else vocab_size
+        values, ids = scaled[rows].topk(k, dim=-1)  # sorted, best first
+        if kind == 0:
+            ranks = torch.arange(k, device=logits.device)
+            values = values.masked_fill(ranks[None, :] >= top_k[rows, None], float("-inf"))
+        probs = torch.softmax(values, dim=-1)
+        keep = (probs.cumsum(dim=-1) - probs) < top_p[rows, None]  # the nucleus; rank 0 always stays
+        probs = probs * keep
+        tokens[rows] = ids.gather(-1, _inverse_cdf(probs, uniforms[rows], keep.sum(dim=-1))[:, None]).squeeze(-1)
+    return tokens
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """Index per row where the CDF of `probs` (unnormalized) crosses uniform * total. The clamp to the last kept
+    candidate guards against float rounding putting the target at the very top of the CDF."""
+    cdf = probs.cumsum(dim=-1)
+    targets = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+    index = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    return index.clamp(max=probs.size(-1) - 1) if kept is None else torch.minimum(index, kept - 1)
+
+
+def sampling_tensors(settings: list[tuple[float, int | None, float | None]], device: torch.device):
+    """(temperature, top_k, top_p) tensors for a batch from per-row (temperature, top_k, top_p) settings."""
+    temperature = torch.tensor([s[0] for s in settings], dtype=torch.float32, device=device)
+    top_k = torch.tensor([s[1] or 0 for s in settings], dtype=torch.long, device=device)
+    top_p = torch.tensor([1.0 if s[2] is None else s[2] for s in settings], dtype=torch.float32, device=device)
+    return temperature, top_k, top_p
+
+
+def sample_generators(seed: int | None, num_samples: int) -> list[torch.Generator]:
+    """One CPU generator per sample (seed None = random): sample i's randomness depends only on (seed, i), not on
+    how many samples were asked for or what else shares the batch. A sample draws one uniform per token it
+    samples, so drawing on the CPU costs nothing and gives the same results on every device."""
+    root = torch.Generator(device="cpu")
+    if seed is None:
+        root.seed()
+    else:
+        root.manual_seed(seed)
+    seeds = torch.randint(0, 2**62, (num_samples,), generator=root).tolist()
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+
+def draw_uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One uniform per row; None for a row whose token is not sampled this step (forced, waiting, finished)."""
+    return torch.tensor([0.0 if g is None else torch.rand(1, generator=g).item() for g in generators])
+
+
+# -----------------------------------------------------------------------------
+# Tool use: the python tool, and the per-sample state machine that notices calls and forces the output
+
+MAX_TOOL_OUTPUT_CHARS = 1000  # a chatty program must not fill the context window
+
+
+def run_python_tool(code: str, timeout: float = 5.0) -> str:
+    """Run a tool call in the sandbox and return the text to force between <|output_start|> and <|output_end|>.
+    A bare expression (the calculator calls "12/5" the chat data teaches) prints its value, like a REPL."""
+    from nanochat.execution import execute_code  # the sandbox is only needed once a model calls the tool
+
+    try:
+        ast.parse(code, mode="eval")
+        program = f"print(eval({code!r}))"
+    except SyntaxError:
+        program = code
+    result = execute_code(program, timeout=timeout)
+    if result.success:
+        output = result.stdout.rstrip("\n")
+    else:
+        stderr_lines = result.stderr.strip().splitlines()
+        output = f"Error: {result.error or (stderr_lines[-1] if stderr_lines else 'the program failed')}"
+    if len(output) > MAX_TOOL_OUTPUT_CHARS:
+        output = output[:MAX_TOOL_OUTPUT_CHARS] + "...(truncated)"
+    return output
+
+
+class SpecialIds:
+    """The special token ids the engine reacts to, looked up once."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        special = tokenizer.encode_special
+        self.bos = special("<|bos|>")
+        self.assistant_end = special("<|assistant_end|>")
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stops = (self.assistant_end, self.bos)
+        # which part of an assistant message the text after each tool token belongs to
+        self.part_after = {self.python_start: "python", self.python_end: "text",
+                           self.output_start: "python_output", self.output_end: "text"}
+
+
+class SampleState:
+    """One sample's tool-use bookkeeping. Per step: `next_token(sampled)` picks the token to emit (a forced
+    token if any is queued, else the sampled one) and reports whether it closed a python block; the caller
+    runs the code and hands the result to `force_output`."""
+
+    def __init__(self, special: SpecialIds):
+        self.special = special
+        self.forced: deque[int] = deque()
+        self.code_tokens: list[int] | None = None  # not None while inside <|python_start|> ... <|python_end|>
+        self.finished = False
+
+    @property
+    def samples_next(self) -> bool:
+        """Whether the next token comes from the sampler (not forced, not finished)."""
+        return not self.forced and not self.finished
+
+    def next_token(self, sampled: int) -> tuple[int, int, list[int] | None]:
+        """(token, mask, code): mask 0 for a forced token; code = the tokens of a python block just closed."""
+        if self.forced:
+            return self.forced.popleft(), 0, None
+        special, token = self.special, sampled
+        if token in special.stops:
+            self.finished = True
+        elif token == special.python_start:
+            self.code_tokens = []
+        elif token == special.python_end and self.code_tokens is not None:
+            code, self.code_tokens = self.code_tokens, None
+            return token, 1, code
+        elif self.code_tokens is not None:
+            self.code_tokens.append(token)
+        return token, 1, None
+
+    def force_output(self, output_tokens: list[int]) -> None:
+        self.forced.extend([self.special.output_start, *output_tokens, self.special.output_end])
+
+
+# -----------------------------------------------------------------------------
+# Streaming text: tokens in, complete UTF-8 characters out
+
+
+class TextStream:
+    """Turns a token stream into text pieces that never split a character: a token may end in the middle of
+    a multi-byte character, so its bytes wait in the incremental decoder until the character completes.
+    Special tokens are not text; they yield nothing (the caller sees the token id)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._token_bytes = tokenizer.enc.decode_single_token_bytes  # bytes of one token, even half a character
+        self._special_ids = set(tokenizer.special_tokens.values())
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        if token in self._special_ids:
+            return ""
+        return self._decoder.decode(self._token_bytes(token))
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end) as replacement characters."""
+        return self._decoder.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# The Engine: one prompt, prefilled once, decoded as N independent samples
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special = SpecialIds(tokenizer)
+
+    def new_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        """A KV cache shaped for this model, in the dtype of its weights."""
+        config = self.model.config
+        weight = self.model.lm_head.weight
+        return KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer,
+                       device=weight.device, dtype=weight.dtype)
+
+    def max_context(self) -> int:
+        """The most positions a KV cache can hold: the rotary table the model was built with."""
+        return self.model.rotary_len
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = 42) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (token_column, mask_column), one token per sample per step; mask 0 marks forced tool output.
+
+        A sample ends at <|assistant_end|> or <|bos|> (yielded); after that its column entry repeats that stop
+        token until every sample has ended or `max_tokens` steps (default: the model's sequence_len) are done.
+        """
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token (start the prompt with <|bos|>)")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        max_tokens = self.model.config.sequence_len if max_tokens is None else max_tokens
+        seq_len = min(len(tokens) + max_tokens, self.max_context())
+        if len(tokens) >= seq_len:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the model's context holds {self.max_context()}")
+        device = self.model.get_device()
+
+        # prefill the prompt once at batch 1, then replicate its cache into one row per sample
+        prefill_cache = self.new_cache(1, len(tokens))
+        logits = self.model(torch.tensor([tokens], device=device), kv_cache=prefill_cache)[:, -1]
+        cache = self.new_cache(num_samples, seq_len)
+        for row in range(num_samples):
+            cache.copy_row(prefill_cache, 0, row)
+        logits = logits.expand(num_samples, -1)
+
+        settings = sampling_tensors([(temperature, top_k, top_p)] * num_samples, device)
+        generators = sample_generators(seed, num_samples)
+        states = [SampleState(self.special) for _ in range(num_samples)]
+        last_tokens = [0] * num_samples
+        for step in range(max_tokens):
+            if temperature == 0:
+                sampled = logits.argmax(dim=-1).tolist()
+            else:
+                uniforms = draw_uniforms([g if s.samples_next else None for g, s in zip(generators, states)])
+                sampled = sample_next_tokens(logits, *settings, uniforms).tolist()
+            column, masks = [], []
+            for row, state in enumerate(states):
+                if state.finished:
+                    column.append(last_tokens[row])
+                    masks.append(1)
+                    continue
+                token, mask, code = state.next_token(sampled[row])
+                if code is not None:  # runs inline: offline generation has nothing else to do meanwhile
+                    state.force_output(self.tokenizer.encode(run_python_tool(self.tokenizer.decode(code))))
+                column.append(token)
+                masks.append(mask)
+            last_tokens = column
+            yield column, masks
+            if all(state.finished for state in states) or len(tokens) + step >= seq_len:
+                return  # (the cache holds len(tokens) + step positions now; the next forward adds one)
+            logits = self.model(torch.tensor(column, device=device)[:, None], kv_cache=cache)[:, -1]
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],
+                                                                                        list[list[int]]]:
+        """All samples to completion: (token lists, mask lists), each starting with the prompt (mask 0) and
+        without the stop token."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for row, (token, mask) in enumerate(zip(column, mask_column)):
+                if done[row]:
+                    continue
+                if token in self.special.stops and mask == 1:
+                    done[row] = True
+                    continue
+                results[row].append(token)
+                masks[row].append(mask)
+        return results, masks
