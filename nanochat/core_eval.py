@@ -1,0 +1,582 @@
+"""
+CORE: the base-model metric of the DCLM paper (https://arxiv.org/abs/2406.11794).
+
+22 in-context-learning tasks from the eval bundle (core.yaml lists them, eval_meta_data.csv holds each task's
+random-guessing baseline in percent, eval_data/**.jsonl the items). Three ways to score an item, all by
+teacher-forced forward passes, no sampling:
+- multiple_choice:   one context, several continuations (the choices): pick the lowest mean loss over the
+                     continuation tokens.
+- schema:            several contexts, one common continuation: pick the context under which the continuation
+                     has the lowest mean loss.
+- language_modeling: the greedy (argmax) prediction at every continuation position must equal the continuation.
+Few-shot examples come first, drawn deterministically per item (never the item itself).
+A task's accuracy is centered against its random baseline, (acc - b) / (1 - b), and CORE is the mean of the
+centered accuracies.
+
+Speed (bench/eval.py): sequences of many items are padded into one forward pass (sorted by length, so little
+padding), and a multiple-choice item's shared few-shot context goes through the model once, into a KV cache its
+choices continue from, instead of once per choice. On a 2-core CPU (depth-4 model, 16 items per task) this runs
+2.4x the examples/second of one item per forward: 3.3-4.1x on the 4-choice few-shot tasks, ~1.7x on 2-choice
+ones, ~1x on language modeling, where a CPU has no per-pass overhead for batching to amortise.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from nanochat.common import get_base_dir, mirror_path
+from nanochat.gpt import GPTConfig, KVCache
+from tasks.common import MalformedDataError, read_jsonl
+
+# The 22 tasks of CORE, in the order of the original bundle's core.yaml.
+CORE_TASKS = (
+    "hellaswag_zeroshot", "jeopardy", "bigbench_qa_wikidata", "arc_easy", "arc_challenge", "copa",
+    "commonsense_qa", "piqa", "openbook_qa", "lambada_openai", "hellaswag", "winograd", "winogrande",
+    "bigbench_dyck_languages", "agi_eval_lsat_ar", "bigbench_cs_algorithms", "bigbench_operators",
+    "bigbench_repeat_copy_logic", "squad", "coqa", "boolq", "bigbench_language_identification",
+)
+TASK_TYPES = {
+    "multiple_choice": ("query", "choices", "gold"),
+    "schema": ("context_options", "continuation", "gold"),
+    "language_modeling": ("context", "continuation"),
+}
+DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+BUNDLE_URL_ENV = "NANOCHAT_EVAL_BUNDLE_URL"
+FEWSHOT_SEED = 1234  # item i draws its few-shot examples with random.Random(FEWSHOT_SEED + i)
+DATA_SHUFFLE_SEED = 1337  # --max-per-task takes a fixed random subset, not the (often sorted) file head
+
+
+# -----------------------------------------------------------------------------
+# The eval bundle: the local mirror, a previous download, or a fresh download
+
+
+def get_eval_bundle(url: str | None = None) -> Path:
+    """Directory of the eval bundle: $NANOCHAT_DATA_DIR/eval_bundle, else $NANOCHAT_BASE_DIR/eval_bundle
+    (downloaded from `url`, $NANOCHAT_EVAL_BUNDLE_URL or the original nanochat URL when absent)."""
+    mirror = mirror_path("eval_bundle")
+    if mirror is not None and (mirror / "core.yaml").exists():
+        return mirror
+    destination = get_base_dir() / "eval_bundle"
+    if (destination / "core.yaml").exists():
+        return destination
+    return download_eval_bundle(url or os.environ.get(BUNDLE_URL_ENV) or DEFAULT_BUNDLE_URL, destination)
+
+
+def _is_permanent(error: Exception) -> bool:
+    """A client error other than timeout/rate limit will not go away by retrying."""
+    return isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 and error.code not in (408, 429)
+
+
+def _fetch_zip(url: str, path: Path, timeout: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as response, path.open("wb") as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        done, next_report, started = 0, 0.0, time.time()
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            if total and done / total >= next_report:
+                rate = done / max(time.time() - started, 1e-6)
+                print(f"eval bundle: {done / 2**20:.1f}/{total / 2**20:.1f} MiB, ETA {(total - done) / rate:.0f}s",
+                      flush=True)
+                next_report += 0.1
+    with zipfile.ZipFile(path) as archive:  # raises BadZipFile for a truncated or non-zip body
+        corrupt = archive.testzip()
+        if corrupt is not None:
+            raise zipfile.BadZipFile(f"member {corrupt} fails its CRC check")
+
+
+def _extract_safely(archive: zipfile.ZipFile, target: Path) -> None:
+    for name in archive.namelist():
+        if not (target / name).resolve().is_relative_to(target.resolve()):
+            raise zipfile.BadZipFile(f"member {name!r} would extract outside the target directory")
+    archive.extractall(target)
+
+
+def download_eval_bundle(url: str, destination: Path, retries: int = 5, backoff_seconds: float = 2.0,
+                         timeout: float = 60.0) -> Path:
+    """Download the bundle zip from `url` and unpack it as `destination`, atomically: the zip is written to a
+    temporary name and checked, unpacked into a temporary directory, and that is renamed into place."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    zip_path = destination.parent / f".eval_bundle.{os.getpid()}.zip.tmp"
+    try:
+        for attempt in range(1, retries + 1):
+            try:
+                print(f"downloading the CORE eval bundle from {url} (attempt {attempt}/{retries})", flush=True)
+                _fetch_zip(url, zip_path, timeout)
+                break
+            except (OSError, zipfile.BadZipFile) as e:  # URLError/HTTPError/timeouts are OSErrors
+                zip_path.unlink(missing_ok=True)
+                if attempt == retries or _is_permanent(e):
+                    raise RuntimeError(
+                        f"could not download the CORE eval bundle from {url} ({type(e).__name__}: {e}). Fix: check "
+                        f"the network or point --bundle-url / ${BUNDLE_URL_ENV} at a reachable copy of "
+                        f"eval_bundle.zip, or unzip it yourself into {destination} (or into $NANOCHAT_DATA_DIR/"
+                        "eval_bundle)."
+                    ) from e
+                wait = backoff_seconds * 2 ** (attempt - 1)
+                print(f"download failed ({type(e).__name__}: {e}); retrying in {wait:.1f}s", flush=True)
+                time.sleep(wait)
+        unpack_dir = Path(tempfile.mkdtemp(prefix=".eval_bundle.", dir=destination.parent))
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                _extract_safely(archive, unpack_dir)
+            # the original zip holds an eval_bundle/ folder; accept the files at the top level as well
+            roots = [unpack_dir, *sorted(p for p in unpack_dir.iterdir() if p.is_dir())]
+            root = next((p for p in roots if (p / "core.yaml").exists()), None)
+            if root is None:
+                raise RuntimeError(f"the zip from {url} holds no core.yaml (top level or one folder down); is it "
+                                   "the CORE eval bundle?")
+            try:
+                root.rename(destination)
+            except OSError:
+                if not (destination / "core.yaml").exists():  # else another process finished first: keep theirs
+                    raise
+        finally:
+            shutil.rmtree(unpack_dir, ignore_errors=True)
+    finally:
+        zip_path.unlink(missing_ok=True)
+    return destination
+
+
+# -----------------------------------------------------------------------------
+# Task configuration and data
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    label: str
+    dataset_uri: str  # relative to eval_data/
+    task_type: str  # multiple_choice | schema | language_modeling
+    num_fewshot: int
+    continuation_delimiter: str
+    random_baseline: float  # a fraction: the bundle's CSV gives percentages
+
+
+def load_core_tasks(bundle_dir: Path) -> tuple[list[TaskSpec], dict[str, str]]:
+    """The CORE tasks this bundle can evaluate, and {label: why not} for each of the 22 it cannot."""
+    bundle_dir = Path(bundle_dir)
+    config_path = bundle_dir / "core.yaml"
+    for required in (config_path, bundle_dir / "eval_meta_data.csv"):
+        if not required.exists():
+            raise FileNotFoundError(f"the eval bundle at {bundle_dir} has no {required.name}; delete the folder so "
+                                    "that base_eval downloads the bundle again, or point NANOCHAT_DATA_DIR at a "
+                                    "mirror holding eval_bundle/")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    entries = config.get("icl_tasks") if isinstance(config, dict) else None
+    if not isinstance(entries, list):
+        raise MalformedDataError(f"{config_path}: expected a top-level 'icl_tasks:' list")
+    baselines = load_random_baselines(bundle_dir / "eval_meta_data.csv")
+    tasks, missing = [], {}
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"label", "dataset_uri", "icl_task_type"} <= entry.keys():
+            raise MalformedDataError(f"{config_path}: icl_tasks[{position}] needs label, dataset_uri, icl_task_type")
+        label, task_type = entry["label"], entry["icl_task_type"]
+        if task_type not in TASK_TYPES:
+            raise MalformedDataError(f"{config_path}: task {label} has icl_task_type {task_type!r}; CORE knows "
+                                     f"{list(TASK_TYPES)}")
+        if label not in baselines:
+            raise MalformedDataError(f"{bundle_dir / 'eval_meta_data.csv'}: no 'Random baseline' for task {label}")
+        if not (bundle_dir / "eval_data" / entry["dataset_uri"]).exists():
+            missing[label] = f"data file eval_data/{entry['dataset_uri']} is not in {bundle_dir}"
+            continue
+        fewshot = entry.get("num_fewshot", [0])
+        tasks.append(TaskSpec(
+            label=label,
+            dataset_uri=entry["dataset_uri"],
+            task_type=task_type,
+            num_fewshot=int(fewshot[0] if isinstance(fewshot, list) else fewshot),
+            continuation_delimiter=entry.get("continuation_delimiter", " "),
+            random_baseline=baselines[label] / 100.0,
+        ))
+    listed = {entry["label"] for entry in entries}
+    for label in CORE_TASKS:
+        if label not in listed:
+            missing[label] = f"not listed in {config_path}"
+    return tasks, missing
+
+
+def load_random_baselines(path: Path) -> dict[str, float]:
+    """{task label: random-guessing accuracy in percent} from the bundle's eval_meta_data.csv."""
+    with Path(path).open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"Eval Task", "Random baseline"} <= set(reader.fieldnames or ()):
+            raise MalformedDataError(f"{path}: expected columns 'Eval Task' and 'Random baseline'")
+        return {row["Eval Task"]: float(row["Random baseline"]) for row in reader}
+
+
+def load_task_data(bundle_dir: Path, spec: TaskSpec) -> list[dict]:
+    """The items of one task, checked against the schema of its task type."""
+    path = Path(bundle_dir) / "eval_data" / spec.dataset_uri
+    rows = read_jsonl(path, TASK_TYPES[spec.task_type])
+    options_key = {"multiple_choice": "choices", "schema": "context_options"}.get(spec.task_type)
+    if options_key is not None:
+        for line_number, row in enumerate(rows, start=1):
+            options, gold = row[options_key], row["gold"]
+            if not isinstance(options, list) or not isinstance(gold, int) or not 0 <= gold < len(options):
+                raise MalformedDataError(f"{path}: record {line_number}: 'gold' must index into '{options_key}'")
+    return rows
+
+
+def centered_accuracy(accuracy: float, random_baseline: float) -> float:
+    """Accuracy rescaled so that random guessing scores 0 and perfection 1 (baseline as a fraction)."""
+    return (accuracy - random_baseline) / (1.0 - random_baseline)
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def sample_fewshot(data: Sequence[dict], index: int, num_fewshot: int) -> list[dict]:
+    """`num_fewshot` other items of the task, the same every run for item `index`."""
+    if num_fewshot <= 0:
+        return []
+    others = [i for i in range(len(data)) if i != index]
+    chosen = random.Random(FEWSHOT_SEED + index).sample(others, min(num_fewshot, len(others)))
+    return [data[i] for i in chosen]
+
+
+def render_prompts_mc(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    """One full prompt per choice; they share the context and differ in the continuation."""
+    prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+    return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+
+
+def render_prompts_schema(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    """One full prompt per context option; they share the continuation."""
+    prefix = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    return [f"{prefix}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
+
+
+def render_prompts_lm(item: dict, delimiter: str, fewshot: Sequence[dict] = ()) -> list[str]:
+    """[prompt without the continuation, prompt with it]. Contexts are stripped (some carry trailing
+    whitespace) and so is the first prompt: a trailing space would be absorbed into the continuation's first
+    token in the second prompt, and the first would no longer be a clean token prefix of it."""
+    prefix = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    without = f"{prefix}{item['context'].strip()}{delimiter}"
+    return [without.strip(), f"{without}{item['continuation']}"]
+
+
+RENDERERS = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema,
+             "language_modeling": render_prompts_lm}
+
+
+def render_item(data: Sequence[dict], index: int, spec: TaskSpec) -> list[str]:
+    fewshot = sample_fewshot(data, index, spec.num_fewshot)
+    return RENDERERS[spec.task_type](data[index], spec.continuation_delimiter, fewshot)
+
+
+# -----------------------------------------------------------------------------
+# Tokens: each item becomes sequences with a scored span [start, end) of continuation tokens
+
+
+@dataclass
+class ScoredSequences:
+    tokens: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    length = 0
+    for column in zip(*sequences):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+def _common_suffix_length(sequences: Sequence[Sequence[int]]) -> int:
+    return _common_prefix_length([seq[::-1] for seq in sequences])
+
+
+def spans_for(task_type: str, tokens: list[list[int]]) -> ScoredSequences:
+    """Where the continuation lies in each tokenized prompt. Found in token space, not text space: the
+    tokenizer may merge the delimiter's space into the continuation's first token."""
+    if task_type == "multiple_choice":
+        common = _common_prefix_length(tokens)
+        starts = [min(common, len(seq) - 1) for seq in tokens]  # a choice may be a prefix of another
+        return ScoredSequences(tokens, starts, [len(seq) for seq in tokens])
+    if task_type == "schema":
+        suffix = min(_common_suffix_length(tokens), min(len(seq) for seq in tokens) - 1)
+        return ScoredSequences(tokens, [len(seq) - suffix for seq in tokens], [len(seq) for seq in tokens])
+    without, with_continuation = tokens
+    start = min(_common_prefix_length([without, with_continuation]), len(with_continuation) - 1)
+    return ScoredSequences([with_continuation], [start], [len(with_continuation)])
+
+
+def crop_to_length(scored: ScoredSequences, max_len: int | None) -> ScoredSequences:
+    """Fit an item into the model's context by dropping its oldest tokens (the continuations are at the end).
+    All of an item's sequences lose the same number of tokens, so their common context stays common; at least
+    one token of context stays so the first continuation token is predicted from something."""
+    longest = max(len(seq) for seq in scored.tokens)
+    if max_len is None or longest <= max_len:
+        return scored
+    crop = longest - max_len
+    if min(len(seq) for seq in scored.tokens) - crop < 2:  # a choice longer than the context: crop each alone
+        crops = [max(0, len(seq) - max_len) for seq in scored.tokens]
+    else:
+        crops = [crop] * len(scored.tokens)
+    return ScoredSequences(
+        tokens=[seq[c:] for seq, c in zip(scored.tokens, crops)],
+        starts=[max(1, start - c) for start, c in zip(scored.starts, crops)],
+        ends=[end - c for end, c in zip(scored.ends, crops)],
+    )
+
+
+def prepare_items(tokenizer, data: Sequence[dict], indices: Sequence[int], spec: TaskSpec,
+                  max_len: int | None) -> list[ScoredSequences]:
+    prompts = [render_item(data, i, spec) for i in indices]
+    flat = [p for item_prompts in prompts for p in item_prompts]
+    flat_tokens = tokenizer.encode(flat, prepend=tokenizer.get_bos_token_id()) if flat else []
+    items, offset = [], 0
+    for item_prompts in prompts:
+        tokens = flat_tokens[offset:offset + len(item_prompts)]
+        offset += len(item_prompts)
+        items.append(crop_to_length(spans_for(spec.task_type, tokens), max_len))
+    return items
+
+
+# -----------------------------------------------------------------------------
+# Forward passes
+
+
+# Padded tokens per forward pass. A GPU wants big passes; a CPU has no launch overhead to amortise and slows down
+# once the activations leave its caches: a depth-4 model on 2 cores costs ~60-80 us/token at 500-2000 tokens per
+# pass and ~105 us/token at 9600 (bench/eval.py's model, measured with forward_losses).
+MAX_BATCH_TOKENS = {"cpu": 2048}
+DEFAULT_MAX_BATCH_TOKENS = 8192  # logits of 8192 tokens x 65536 vocab in fp32 are 2 GiB
+MIN_SHARED_PREFIX = 32  # shorter shared prefixes (zero-shot questions) save less than a second forward pass costs
+
+
+@torch.no_grad()
+def forward_losses(model, input_ids: torch.Tensor, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids -> per-position loss of predicting the next token, and the argmax prediction. The last column
+    has no next token: its loss is nan."""
+    logits = model(input_ids) if kv_cache is None else model(input_ids, kv_cache=kv_cache)
+    batch, length, vocab = logits.shape
+    targets = torch.roll(input_ids, shifts=-1, dims=1)
+    losses = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), reduction="none")
+    losses = losses.view(batch, length)
+    losses[:, -1] = float("nan")
+    return losses, logits.argmax(dim=-1)
+
+
+def shared_prefix_length(item: ScoredSequences) -> int:
+    """Tokens that all of an item's sequences start with and that lie before every scored position: they can be
+    run through the model once for the whole item (the position before a span predicts its first token, so that
+    one must be computed per sequence)."""
+    if len(item.tokens) < 2:
+        return 0
+    return max(0, min(_common_prefix_length(item.tokens), min(item.starts) - 1))
+
+
+def pack(widths: Sequence[int], rows: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Group units (sequences, or items of several sequences) into forward passes: longest first, so that the
+    padded width of a pass is the width of its first unit, while it stays within `batch_size` rows and
+    `max_batch_tokens` padded tokens."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    batches, current, current_rows = [], [], 0
+    for unit in order:
+        width = widths[current[0]] if current else widths[unit]
+        fits = current_rows + rows[unit] <= batch_size and (current_rows + rows[unit]) * width <= max_batch_tokens
+        if current and not fits:
+            batches.append(current)
+            current, current_rows = [], 0
+        current.append(unit)
+        current_rows += rows[unit]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    # right padding: in a causal model the real positions never attend to the pad tokens after them
+    ids = torch.full((len(sequences), max(len(seq) for seq in sequences)), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids
+
+
+def _record(losses: torch.Tensor, predictions: torch.Tensor, input_ids: torch.Tensor,
+            spans: Sequence[tuple[int, int]]) -> list[tuple[float, bool]]:
+    """Per row: mean loss over the span [start, end) and whether argmax decoding reproduces it. Position t
+    predicts token t+1, so the span is read at positions [start-1, end-1)."""
+    losses, predictions, input_ids = losses.cpu(), predictions.cpu(), input_ids.cpu()
+    out = []
+    for row, (start, end) in enumerate(spans):
+        mean_loss = losses[row, start - 1:end - 1].mean().item()
+        exact = bool(torch.equal(predictions[row, start - 1:end - 1], input_ids[row, start:end]))
+        out.append((mean_loss, exact))
+    return out
+
+
+def _supports_kv_cache(model) -> bool:
+    return isinstance(getattr(model, "config", None), GPTConfig) and hasattr(model, "lm_head")
+
+
+def _new_cache(model, batch_size: int, seq_len: int) -> KVCache:
+    config, weight = model.config, model.lm_head.weight
+    return KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer,
+                   device=weight.device, dtype=weight.dtype)
+
+
+@torch.no_grad()
+def _score_plain(model, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], device,
+                 pad_id: int) -> list[tuple[float, bool]]:
+    input_ids = _pad(sequences, pad_id).to(device)
+    losses, predictions = forward_losses(model, input_ids)
+    return _record(losses, predictions, input_ids, spans)
+
+
+@torch.no_grad()
+def _score_shared(model, items: Sequence[ScoredSequences], device, pad_id: int) -> list[list[tuple[float, bool]]]:
+    """Items whose sequences share a long prefix (few-shot multiple choice: everything but the choice): the
+    prefixes go through the model once per item, into a KV cache that every sequence's row then copies, and only
+    the distinct tails are run per sequence."""
+    prefix_lengths = [shared_prefix_length(item) for item in items]
+    prefill = _new_cache(model, len(items), max(prefix_lengths))
+    model(_pad([item.tokens[0][:p] for item, p in zip(items, prefix_lengths)], pad_id).to(device), kv_cache=prefill)
+    prefill.pos.copy_(torch.tensor(prefix_lengths))  # forget the padding: rows continue after their own prefix
+    owners = [(g, s) for g, item in enumerate(items) for s in range(len(item.tokens))]
+    tails, spans = [], []
+    for g, s in owners:
+        item, p = items[g], prefix_lengths[g]
+        tails.append(item.tokens[s][p:])
+        spans.append((item.starts[s] - p, item.ends[s] - p))
+    # the model attends over max(pos) + T positions for every row, hence not max(prefix + tail)
+    cache = _new_cache(model, len(owners), max(prefix_lengths) + max(len(tail) for tail in tails))
+    for row, (g, _) in enumerate(owners):
+        cache.copy_row(prefill, g, row)
+    input_ids = _pad(tails, pad_id).to(device)
+    losses, predictions = forward_losses(model, input_ids, kv_cache=cache)
+    scores = _record(losses, predictions, input_ids, spans)
+    grouped: list[list[tuple[float, bool]]] = [[] for _ in items]
+    for (g, _), score in zip(owners, scores):
+        grouped[g].append(score)
+    return grouped
+
+
+def score_items(model, items: Sequence[ScoredSequences], device: torch.device | str, pad_id: int,
+                batch_size: int = 32, max_batch_tokens: int | None = None,
+                per_example: bool = False) -> list[list[tuple[float, bool]]]:
+    """(mean loss over the span, greedy decoding reproduces the span) for every sequence of every item.
+    per_example=True is the unbatched reference: one forward pass per item, holding all its sequences."""
+    results: list[list[tuple[float, bool]]] = [[] for _ in items]
+    if max_batch_tokens is None:
+        max_batch_tokens = MAX_BATCH_TOKENS.get(torch.device(device).type, DEFAULT_MAX_BATCH_TOKENS)
+    if per_example:
+        for i, item in enumerate(items):
+            results[i] = _score_plain(model, item.tokens, list(zip(item.starts, item.ends)), device, pad_id)
+        return results
+    use_cache = _supports_kv_cache(model)
+    shared = [i for i, item in enumerate(items) if use_cache and shared_prefix_length(item) >= MIN_SHARED_PREFIX]
+    shared_set = set(shared)
+    # items with a long shared prefix: packed item by item, each pass = prefill + tails
+    widths = [max(len(seq) for seq in items[i].tokens) for i in shared]
+    for batch in pack(widths, [len(items[i].tokens) for i in shared], batch_size, max_batch_tokens):
+        for i, scores in zip(batch, _score_shared(model, [items[shared[b]] for b in batch], device, pad_id)):
+            results[shared[i]] = scores
+    # everything else: sequences packed individually
+    units = [(i, s) for i, item in enumerate(items) if i not in shared_set for s in range(len(item.tokens))]
+    for i, _ in units:
+        results[i] = [None] * len(items[i].tokens)
+    widths = [len(items[i].tokens[s]) for i, s in units]
+    for batch in pack(widths, [1] * len(units), batch_size, max_batch_tokens):
+        chosen = [units[b] for b in batch]
+        scores = _score_plain(model, [items[i].tokens[s] for i, s in chosen],
+                              [(items[i].starts[s], items[i].ends[s]) for i, s in chosen], device, pad_id)
+        for (i, s), score in zip(chosen, scores):
+            results[i][s] = score
+    return results
+
+
+def _max_len(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "sequence_len", None)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_task(model, tokenizer, data: Sequence[dict], spec: TaskSpec, device: torch.device | str,
+                  batch_size: int = 32, max_batch_tokens: int | None = None, per_example: bool = False) -> float:
+    """Accuracy on one task. Under torchrun each rank takes items rank, rank + world, ... and the per-item
+    results are summed across ranks."""
+    rank, world_size = _dist_rank_world()
+    indices = list(range(rank, len(data), world_size))
+    items = prepare_items(tokenizer, data, indices, spec, _max_len(model))
+    scores = score_items(model, items, device, tokenizer.get_bos_token_id(), batch_size, max_batch_tokens,
+                         per_example)
+    correct_list = [0.0] * len(data)
+    for index, item_scores in zip(indices, scores):
+        if spec.task_type == "language_modeling":
+            correct_list[index] = float(item_scores[0][1])
+        else:
+            losses = [mean_loss for mean_loss, _ in item_scores]
+            correct_list[index] = float(losses.index(min(losses)) == data[index]["gold"])
+    correct = torch.tensor(correct_list, dtype=torch.float32, device=device)
+    if world_size > 1:
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item() if len(data) else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# CORE
+
+
+@dataclass
+class CoreResult:
+    accuracy: dict[str, float] = field(default_factory=dict)
+    centered: dict[str, float] = field(default_factory=dict)
+    num_items: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # label -> reason
+    tasks: list[TaskSpec] = field(default_factory=list)
+
+    @property
+    def core(self) -> float:
+        """Mean centered accuracy over the tasks that were evaluated."""
+        values = list(self.centered.values())
+        return sum(values) / len(values) if values else float("nan")
+
+
+def evaluate_core(model, tokenizer, device: torch.device | str, bundle_dir: Path, max_per_task: int = -1,
+                  batch_size: int = 32, log: Callable[[str], None] = print) -> CoreResult:
+    """CORE over every task of the bundle that is present; the missing ones are named in the result."""
+    specs, missing = load_core_tasks(bundle_dir)
+    result = CoreResult(missing=missing, tasks=specs)
+    started = time.time()
+    for done, spec in enumerate(specs, start=1):
+        task_started = time.time()
+        data = load_task_data(bundle_dir, spec)
+        random.Random(DATA_SHUFFLE_SEED).shuffle(data)
+        if max_per_task > 0:
+            data = data[:max_per_task]
+        accuracy = evaluate_task(model, tokenizer, data, spec, device, batch_size=batch_size)
+        result.accuracy[spec.label] = accuracy
+        result.centered[spec.label] = centered_accuracy(accuracy, spec.random_baseline)
+        result.num_items[spec.label] = len(data)
+        elapsed = time.time() - started
+        eta = elapsed / done * (len(specs) - done)
+        log(f"[{done:2d}/{len(specs)}] {spec.label:<34} {len(data):5d} items  accuracy {accuracy:.4f}  centered "
+            f"{result.centered[spec.label]:+.4f}  ({time.time() - task_started:.1f}s, ETA {eta:.0f}s)")
+    return result
