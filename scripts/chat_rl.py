@@ -1,0 +1,307 @@
+"""Reinforcement learning on GSM8K: sample answers, reward the correct ones, push the policy towards them.
+
+"GRPO" stripped to what matters for an on-policy run, closer to REINFORCE with a group baseline:
+- for each question, sample k completions with the Engine (python tool calls executed, their output forced in);
+- reward 1 when the final answer ("#### <number>") is right, else 0;
+- advantage = reward - the group's mean reward (no division by the std; no value model);
+- loss = -sum(advantage x log-prob of each sampled token) / number of sampled tokens (token-level, as in DAPO),
+  over the tokens the model chose: never the prompt, never the tool output the engine forced in;
+- no reference model and no KL penalty, no PPO ratio/clipping: every batch is fresh from the current policy.
+Every --eval-every steps, pass@k on GSM8K test.
+
+    python -m scripts.chat_rl
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=default
+
+Reads the latest SFT checkpoint (--source mid: the midtrained model), writes
+$NANOCHAT_BASE_DIR/chatrl_checkpoints/<tag>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat_data import (
+    ConversationStream,
+    all_reduce_sum,
+    collate_padded,
+    load_stage_model,
+    resume_stage,
+    save_stage_checkpoint,
+    set_lr_multiplier,
+    setup_optimizers,
+    source_tag,
+)
+from nanochat.checkpoint import rng_state, set_rng_state
+from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, get_wandb, print0
+from nanochat.engine import Engine
+from report import get_report
+from tasks.gsm8k import GSM8K
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (GRPO-style, on-policy)")
+    parser.add_argument("--source", default="sft", choices=["sft", "mid"], help="which stage's model to train")
+    parser.add_argument("--model-tag", "--tag", dest="model_tag", default=None,
+                        help="model tag to start from (default: the largest)")
+    parser.add_argument("--step", type=int, default=None, help="model step to start from (default: the last)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint of this tag")
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' turns wandb off)")
+    # rollouts
+    parser.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all ranks")
+    parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question (the group)")
+    parser.add_argument("--device-batch-size", type=int, default=8,
+                        help="sequences per sampling / forward pass (bounds memory)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest completion")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
+    # schedule
+    parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1: one pass over GSM8K train)")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004)
+    parser.add_argument("--embedding-lr", type=float, default=0.2)
+    parser.add_argument("--matrix-lr", type=float, default=0.02)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates as a fraction of the above")
+    # evaluation and checkpoints
+    parser.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (-1: end only)")
+    parser.add_argument("--eval-examples", type=int, default=None,
+                        help="GSM8K test questions per evaluation (default: 400 on CUDA, 16 elsewhere)")
+    parser.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: end only)")
+    args = parser.parse_args(argv)
+    for flag in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.num_steps == 0 or args.num_steps < -1:
+        parser.error("--num-steps must be >= 1, or -1 for one pass over GSM8K train")
+    if args.temperature < 0:
+        parser.error("--temperature must be >= 0")
+    if args.eval_examples is not None and args.eval_examples < 1:
+        parser.error("--eval-examples must be >= 1")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Rollouts and rewards
+
+
+def sample_completions(engine: Engine, prompt: list[int], num_samples: int, max_new_tokens: int,
+                       temperature: float, top_k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """num_samples completions of the prompt as (ids, mask) over prompt + completion: mask 0 on the prompt and on
+    the tool output the engine forced in, 1 on every token the model sampled, including the token that ended the
+    sample (so the policy also learns when to stop)."""
+    stops = engine.special.stops
+    completions: list[tuple[list[int], list[int]]] = [([], []) for _ in range(num_samples)]
+    finished = [False] * num_samples
+    for column, masks in engine.generate(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k or None, seed=seed):
+        for row, (token, mask) in enumerate(zip(column, masks)):
+            if finished[row]:
+                continue
+            completions[row][0].append(token)
+            completions[row][1].append(mask)
+            finished[row] = mask == 1 and token in stops
+    return [(prompt + ids, [0] * len(prompt) + mask) for ids, mask in completions]
+
+
+def completion_text(engine: Engine, ids: list[int], prompt_length: int) -> str:
+    """What the model answered: the completion's text without the stop token."""
+    completion = ids[prompt_length:]
+    if completion and completion[-1] in engine.special.stops:
+        completion = completion[:-1]
+    return engine.tokenizer.decode(completion)
+
+
+def gsm8k_reward(task: GSM8K, conversation: dict, completion: str) -> float:
+    """1.0 when the completion's final answer (after '####') equals the reference answer, else 0.0."""
+    return float(task.evaluate(conversation, completion))
+
+
+def policy_gradient_step(model, sequences: list[tuple[list[int], list[int]]], advantages: list[float],
+                         device_batch_size: int, pad_id: int, autocast, device: torch.device) -> float:
+    """Backward of -sum(advantage x log p(sampled token)) / (sampled tokens on all ranks), in passes of
+    device_batch_size sequences. Returns that loss (summed over ranks). Masked tokens (prompt, forced tool output,
+    padding) contribute nothing."""
+    num_sampled = all_reduce_sum(torch.tensor(float(sum(sum(mask[1:]) for _, mask in sequences)), device=device))
+    num_sampled = num_sampled.clamp(min=1)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    loss_sum = torch.zeros((), device=device)
+    for start in range(0, len(sequences), device_batch_size):
+        inputs, targets = collate_padded(sequences[start:start + device_batch_size], pad_id, device)
+        batch_advantages = torch.tensor(advantages[start:start + device_batch_size], device=device)
+        with autocast:
+            token_nll = model(inputs, targets, loss_reduction="none")  # 0 where targets == -1
+        # -logp = nll, so the loss is sum(advantage x nll); world_size undoes the optimizers' mean over ranks
+        loss = (token_nll.float() * batch_advantages[:, None]).sum() / num_sampled
+        (loss * world_size).backward()
+        loss_sum += loss.detach()
+    return float(all_reduce_sum(loss_sum))
+
+
+def sampling_seed(step: int, example_index: int) -> int:
+    """A seed per (step, question): a resumed run samples exactly what the interrupted one would have."""
+    return (step * 1_000_003 + example_index * 1_009) % 2**31
+
+
+def sample_group(engine: Engine, prompt: list[int], args: argparse.Namespace, seed: int) -> list:
+    """--num-samples completions, sampled --device-batch-size at a time (chunk i uses seed + i)."""
+    group = []
+    for chunk, start in enumerate(range(0, args.num_samples, args.device_batch_size)):
+        count = min(args.device_batch_size, args.num_samples - start)
+        group += sample_completions(engine, prompt, count, args.max_new_tokens, args.temperature, args.top_k,
+                                    seed + chunk)
+    return group
+
+
+@torch.no_grad()
+def pass_at_k(engine: Engine, task: GSM8K, args: argparse.Namespace, num_examples: int, autocast, rank: int,
+              world_size: int, device: torch.device) -> list[float]:
+    """[pass@1, ..., pass@num_samples] on the first num_examples questions of task: the fraction of questions with
+    a correct answer among the first j samples."""
+    passed = torch.zeros(args.num_samples, device=device)
+    count = torch.zeros((), device=device)
+    for index in range(rank, min(num_examples, len(task)), world_size):
+        conversation = task[index]
+        prompt = engine.tokenizer.render_for_completion(conversation)
+        with autocast:
+            group = sample_group(engine, prompt, args, sampling_seed(0, index))
+        correct = [gsm8k_reward(task, conversation, completion_text(engine, ids, len(prompt))) > 0
+                   for ids, _ in group]
+        for j in range(args.num_samples):
+            passed[j] += any(correct[:j + 1])
+        count += 1
+    passed, count = all_reduce_sum(passed), all_reduce_sum(count)
+    return (passed / count.clamp(min=1)).tolist()
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    user_config = vars(args).copy()
+    dist_info = compute_init(args.device_type or None)
+    device, rank, world_size, master = dist_info.device, dist_info.rank, dist_info.world_size, dist_info.master
+    compute_dtype = get_compute_dtype(dist_info.device_type)
+    autocast = (torch.autocast(dist_info.device_type, dtype=compute_dtype) if compute_dtype != torch.float32
+                else nullcontext())
+    # evaluation volume: the GPU run's default would take longer than the whole CPU run's training
+    args.eval_examples = args.eval_examples or (400 if dist_info.device_type == "cuda" else 16)
+    eval_examples = user_config["eval_examples"] = args.eval_examples
+    wandb_run = get_wandb(args.run, "nanochat-rl", user_config, master)
+
+    tag = source_tag(args.source, args.model_tag)
+    rank_state = None
+    if args.resume:
+        model, tokenizer, meta, optimizer_states, rank_state = resume_stage("rl", tag, device, rank, world_size)
+        start_step, loop_state, source = meta["step"], meta["loop_state"], meta["source"]
+        print0(f"resuming RL of {tag} from step {start_step}")
+    else:
+        model, tokenizer, meta = load_stage_model(args.source, device, tag=tag, step=args.step)
+        start_step, optimizer_states = 0, None
+        loop_state = {"reward": None, "pass_at_k": None, "training_time": 0.0}
+        source = {"stage": args.source, "tag": tag, "step": meta["step"]}
+        print0(f"RL on {args.source} model {tag} step {meta['step']}")
+    engine = Engine(model, tokenizer)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+
+    if args.examples_per_step % world_size != 0:
+        raise ValueError(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of ranks "
+                         f"({world_size})")
+    examples_per_rank = args.examples_per_step // world_size
+    optimizers = setup_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
+                                  args.init_lr_frac)
+    if optimizer_states is not None:
+        for optimizer, state in zip(optimizers, optimizer_states, strict=True):
+            optimizer.load_state_dict(state)
+
+    train_task = GSM8K(subset="main", split="train")
+    val_task = GSM8K(subset="main", split="test")
+    num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
+    if num_steps < 1:
+        raise ValueError(f"GSM8K train has {len(train_task)} questions, fewer than one step of --examples-per-step="
+                         f"{args.examples_per_step}: lower it or give --num-steps")
+    stream = ConversationStream(train_task, rank, world_size)
+    if rank_state is not None:
+        stream.position = rank_state["data"]["position"]
+        set_rng_state(rank_state["rng"], device)
+    print0(f"{num_steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
+
+    losses: dict[int, float] = {}
+    rewards: dict[int, float] = {}
+    pass_history: dict[int, list[float]] = {}
+    step = start_step
+    while True:
+        last_step = step >= num_steps
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            passk = pass_at_k(engine, val_task, args, eval_examples, autocast, rank, world_size, device)
+            pass_history[step] = passk
+            loop_state["pass_at_k"] = passk
+            print0(f"step {step:05d} | GSM8K test ({eval_examples} questions) pass@1 {passk[0]:.4f} | "
+                   f"pass@{args.num_samples} {passk[-1]:.4f}")
+            get_report().log_metrics("chat_rl", {"step": step, "pass@1": passk[0],
+                                                 f"pass@{args.num_samples}": passk[-1]})
+            wandb_run.log({"step": step, **{f"pass@{k + 1}": value for k, value in enumerate(passk)}})
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            save_stage_checkpoint("rl", tag, step, model, optimizers, tokenizer,
+                                  {"data": {"position": stream.position}, "rng": rng_state(device)},
+                                  {"source": source, "loop_state": loop_state, "user_config": user_config}, rank)
+        if last_step:
+            break
+
+        # rollouts: a group of samples per question, advantages relative to the group's mean reward
+        t0 = time.time()
+        sequences, advantages, step_rewards, lengths = [], [], [], []
+        for _ in range(examples_per_rank):
+            position, conversation = stream.take()
+            prompt = tokenizer.render_for_completion(conversation)
+            with torch.no_grad(), autocast:
+                group = sample_group(engine, prompt, args, sampling_seed(step, stream.index(position)))
+            group_rewards = [gsm8k_reward(train_task, conversation, completion_text(engine, ids, len(prompt)))
+                             for ids, _ in group]
+            mean_reward = sum(group_rewards) / len(group_rewards)
+            sequences += group
+            advantages += [reward - mean_reward for reward in group_rewards]
+            step_rewards += group_rewards
+            lengths += [len(ids) - len(prompt) for ids, _ in group]
+
+        set_lr_multiplier(optimizers, 1.0 - step / num_steps)
+        loss = policy_gradient_step(model, sequences, advantages, args.device_batch_size, pad_id, autocast, device)
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        step += 1
+
+        totals = all_reduce_sum(torch.tensor([sum(step_rewards), sum(lengths), len(step_rewards)], device=device,
+                                             dtype=torch.float64))
+        mean_reward, mean_length = float(totals[0] / totals[2]), float(totals[1] / totals[2])
+        losses[step], rewards[step] = loss, mean_reward
+        loop_state["reward"] = mean_reward
+        loop_state["training_time"] += dt
+        print0(f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss:+.5f} | "
+               f"completion length {mean_length:.1f} | dt {dt:.1f}s")
+        get_report().log_metrics("chat_rl", {"step": step, "reward": mean_reward, "train_loss": loss,
+                                             "completion_length": mean_length})
+        wandb_run.log({"step": step, "reward": mean_reward, "loss": loss, "completion_length": mean_length})
+
+    passk = loop_state["pass_at_k"]
+    get_report().log("Chat RL", [
+        user_config,
+        {"source model": f"{source['stage']} {source['tag']} step {source['step']}",
+         "GSM8K train questions": len(train_task), "samples per question": args.num_samples},
+        {"steps": step, "final mean reward": loop_state["reward"], "evaluation questions": eval_examples,
+         "final pass@1": passk[0], f"final pass@{args.num_samples}": passk[-1],
+         "training time (min)": loop_state["training_time"] / 60},
+    ])
+    wandb_run.finish()
+    compute_cleanup()
+    return {"losses": losses, "rewards": rewards, "pass_at_k": pass_history, "tag": tag}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Supervised finetuning (SFT): polish the midtrained model on single conversations.
+
+Unlike midtraining, each conversation gets its own row (padded, never packed next to another), as at chat time,
+and the loss covers only the assistant's tokens. The mixture: ARC-Easy/Challenge (multiple choice), GSM8K (math
+with tool calls), a slice of SmolTalk (chat), identity and a little spelling. The learning rate starts at a small
+fraction of pretraining's and decays linearly to zero. Validation: loss on held-out chat conversations and
+multiple-choice accuracy on the ARC test sets (the letter with the highest logit).
+
+    python -m scripts.chat_sft
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
+
+Reads the latest mid checkpoint (--source base: the base model), writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.categorical_eval import run_categorical_eval
+from nanochat.chat_data import (
+    ConversationStream,
+    PaddedBatcher,
+    evaluate_loss,
+    load_stage_model,
+    load_tasks,
+    merge_stats,
+    require_tasks,
+    resume_stage,
+    save_stage_checkpoint,
+    set_lr_multiplier,
+    setup_optimizers,
+    source_tag,
+    supervised_step,
+)
+from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
+from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, get_wandb, print0
+from report import get_report
+from tasks.arc import ARC
+from tasks.common import TaskMixture
+from tasks.gsm8k import GSM8K
+from tasks.identity import IdentityConversations
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SpellingBee
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Supervised finetuning on single conversations")
+    parser.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
+    parser.add_argument("--model-tag", "--tag", dest="model_tag", default=None,
+                        help="model tag to start from (default: the largest)")
+    parser.add_argument("--step", type=int, default=None, help="model step to start from (default: the last)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of this tag")
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' turns wandb off)")
+    # batch
+    parser.add_argument("--max-seq-len", type=int, default=2048,
+                        help="longest conversation, in tokens (longer ones are truncated, and counted)")
+    parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per forward pass per GPU")
+    parser.add_argument("--examples-per-step", type=int, default=32,
+                        help="conversations per optimizer step over all ranks (gradient accumulation makes up "
+                             "the rest)")
+    # schedule
+    parser.add_argument("--num-iterations", type=int, default=-1,
+                        help="optimizer steps (-1: one pass over the mixture)")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004)
+    parser.add_argument("--embedding-lr", type=float, default=0.2)
+    parser.add_argument("--matrix-lr", type=float, default=0.02)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--init-lr-frac", type=float, default=0.02, help="learning rates as a fraction of the above")
+    # evaluation and checkpoints
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (-1: end only)")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="validation batches per rank per evaluation (default: 100 on CUDA, 10 elsewhere)")
+    parser.add_argument("--eval-metrics-every", type=int, default=200,
+                        help="steps between multiple-choice accuracy evaluations (-1: end only)")
+    parser.add_argument("--eval-metrics-max-problems", type=int, default=None,
+                        help="problems per ARC subset (default: 1024 on CUDA, 100 elsewhere)")
+    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: end only)")
+    args = parser.parse_args(argv)
+    for flag in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_steps", "eval_metrics_max_problems"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        parser.error("--num-iterations must be >= 1, or -1 for one pass over the mixture")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# The data
+
+
+def train_mixture() -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
+    factories = {
+        "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="train"),  # 2.3K rows upstream
+        "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="train"),  # 1.1K
+        "GSM8K": lambda: GSM8K(subset="main", split="train"),  # 8K
+        "SmolTalk": lambda: SmolTalk(split="train", stop=10_000),  # 10K of the 460K
+        "identity": lambda: IdentityConversations(size=1000),
+        "SpellingBee": lambda: SpellingBee(size=300, split="train"),  # keeps the skill midtraining taught
+    }
+    tasks, missing = load_tasks(factories, "SFT mixture")
+    require_tasks(tasks, missing, "SFT mixture")
+    return TaskMixture(list(tasks.values())), {name: len(task) for name, task in tasks.items()}, missing
+
+
+def mc_tasks(max_problems: int) -> dict[str, object]:
+    factories = {subset: (lambda subset=subset: ARC(subset=subset, split="test", stop=max_problems))
+                 for subset in ("ARC-Easy", "ARC-Challenge")}
+    tasks, _ = load_tasks(factories, "SFT multiple-choice evaluation")
+    return tasks
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    user_config = vars(args).copy()
+    dist_info = compute_init(args.device_type or None)
+    device, rank, world_size, master = dist_info.device, dist_info.rank, dist_info.world_size, dist_info.master
+    compute_dtype = get_compute_dtype(dist_info.device_type)
+    autocast = (torch.autocast(dist_info.device_type, dtype=compute_dtype) if compute_dtype != torch.float32
+                else nullcontext())
+    # evaluation volume: the GPU run's defaults would take longer than the whole CPU run's training
+    on_cuda = dist_info.device_type == "cuda"
+    args.eval_steps = args.eval_steps or (100 if on_cuda else 10)
+    args.eval_metrics_max_problems = args.eval_metrics_max_problems or (1024 if on_cuda else 100)
+    user_config.update(eval_steps=args.eval_steps, eval_metrics_max_problems=args.eval_metrics_max_problems)
+    wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
+
+    tag = source_tag(args.source, args.model_tag)
+    rank_state = None
+    if args.resume:
+        model, tokenizer, meta, optimizer_states, rank_state = resume_stage("sft", tag, device, rank, world_size)
+        start_step, loop_state, source = meta["step"], meta["loop_state"], meta["source"]
+        print0(f"resuming SFT of {tag} from step {start_step}")
+    else:
+        model, tokenizer, meta = load_stage_model(args.source, device, tag=tag, step=args.step)
+        start_step, optimizer_states = 0, None
+        loop_state = {"val_loss": None, "min_val_loss": None, "train_loss": None, "mc_accuracy": {},
+                      "training_time": 0.0}
+        source = {"stage": args.source, "tag": tag, "step": meta["step"]}
+        print0(f"finetuning {args.source} model {tag} step {meta['step']}")
+
+    rows_per_micro_batch = args.device_batch_size * world_size
+    if args.examples_per_step % rows_per_micro_batch != 0:
+        raise ValueError(f"--examples-per-step={args.examples_per_step} must be a multiple of --device-batch-size x "
+                         f"ranks = {rows_per_micro_batch}")
+    grad_accum_steps = args.examples_per_step // rows_per_micro_batch
+
+    optimizers = setup_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
+                                  args.init_lr_frac)
+    if optimizer_states is not None:
+        for optimizer, state in zip(optimizers, optimizer_states, strict=True):
+            optimizer.load_state_dict(state)
+
+    train_task, train_sizes, train_missing = train_mixture()
+    val_task = SmolTalk(split="test")
+    mc = mc_tasks(args.eval_metrics_max_problems)
+    num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
+    if num_iterations < 1:
+        raise ValueError(f"the SFT mixture has {len(train_task)} conversations, fewer than one step of "
+                         f"--examples-per-step={args.examples_per_step}: lower it or give --num-iterations")
+    print0(f"SFT mixture: {len(train_task):,} conversations ({train_sizes}); {num_iterations} steps of "
+           f"{args.examples_per_step} ({grad_accum_steps} accumulation steps)")
+    batcher = PaddedBatcher(ConversationStream(train_task, rank, world_size), tokenizer, args.max_seq_len,
+                            state=rank_state["data"] if rank_state else None)
+    if rank_state is not None:
+        set_rng_state(rank_state["rng"], device)
+
+    def validation_loss() -> float:
+        val_batcher = PaddedBatcher(ConversationStream(val_task, rank, world_size), tokenizer, args.max_seq_len)
+        batches = (val_batcher.next_batch(args.device_batch_size, device) for _ in range(args.eval_steps))
+        return evaluate_loss(model, batches, autocast)
+
+    def due(every: int, step: int) -> bool:
+        return every > 0 and step % every == 0
+
+    train_losses: dict[int, float] = {}
+    val_losses: dict[int, float] = {}
+    step = start_step
+    while True:
+        last_step = step >= num_iterations
+        if last_step or due(args.eval_every, step):
+            val_loss = validation_loss()
+            val_losses[step] = val_loss
+            loop_state["val_loss"] = val_loss
+            loop_state["min_val_loss"] = min(val_loss, loop_state["min_val_loss"] or math.inf)
+            print0(f"step {step:05d} | validation loss {val_loss:.4f}")
+            get_report().log_metrics("chat_sft", {"step": step, "val_loss": val_loss})
+            wandb_run.log({"step": step, "val/loss": val_loss})
+        if last_step or due(args.eval_metrics_every, step):
+            accuracy = {name: run_categorical_eval(task, tokenizer, model, args.device_batch_size, len(task),
+                                                   autocast) for name, task in mc.items()}
+            loop_state["mc_accuracy"] = accuracy
+            print0(f"step {step:05d} | " + ", ".join(f"{name} accuracy {acc:.4f}" for name, acc in accuracy.items()))
+            get_report().log_metrics("chat_sft", {"step": step, **{f"{name} accuracy": acc
+                                                                   for name, acc in accuracy.items()}})
+            wandb_run.log({"step": step, **{f"mc/{name}": acc for name, acc in accuracy.items()}})
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            save_stage_checkpoint("sft", tag, step, model, optimizers, tokenizer,
+                                  {"data": batcher.state_dict(), "rng": rng_state(device)},
+                                  {"source": source, "loop_state": loop_state, "user_config": user_config}, rank)
+        if last_step:
+            break
+
+        t0 = time.time()
+        micro_batches = [batcher.next_batch(args.device_batch_size, device) for _ in range(grad_accum_steps)]
+        lrm = 1.0 - step / num_iterations
+        set_lr_multiplier(optimizers, lrm)
+        train_loss = supervised_step(model, micro_batches, autocast)
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if dist_info.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+
+        train_losses[step] = train_loss
+        loop_state["train_loss"] = train_loss
+        loop_state["training_time"] += dt
+        supervised = sum(int((targets >= 0).sum()) for _, targets in micro_batches)
+        print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
+               f"supervised tokens/rank {supervised:,}")
+        get_report().log_metrics("chat_sft", {"step": step, "train_loss": train_loss})
+        wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm})
+
+    stats = merge_stats(state["stats"] for state in gather_rank_states(batcher.state_dict()))
+    get_report().log("Chat SFT", [
+        user_config,
+        {"source model": f"{source['stage']} {source['tag']} step {source['step']}",
+         "training mixture": {**train_sizes, "total": len(train_task)},
+         "tasks left out": ", ".join(train_missing) or "none"},
+        {"conversations trained on": stats.conversations, "conversations truncated": stats.truncated,
+         "conversations dropped": stats.dropped, "supervised tokens": stats.supervised_tokens},
+        {"steps": step, "final train loss": loop_state["train_loss"], "final validation loss": loop_state["val_loss"],
+         "minimum validation loss": loop_state["min_val_loss"],
+         **{f"{name} accuracy": acc for name, acc in loop_state["mc_accuracy"].items()},
+         "training time (min)": loop_state["training_time"] / 60},
+    ])
+    wandb_run.finish()
+    compute_cleanup()
+    return {"train_losses": train_losses, "val_losses": val_losses, "mc_accuracy": loop_state["mc_accuracy"],
+            "tag": tag, "stats": stats}
+
+
+if __name__ == "__main__":
+    main()
