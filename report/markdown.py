@@ -21,6 +21,8 @@ DEFAULT_GPU_HOUR_COST = 3.0
 
 
 def format_value(value) -> str:
+    if value is None:
+        return MISSING
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):

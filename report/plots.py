@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from nanochat.common import atomic_write_bytes
@@ -12,7 +13,9 @@ PLOTTED_METRICS = {
     "train_loss": "training loss",
     "val_bpb": "validation bits per byte",
     "val_loss": "validation loss",
+    "core_metric": "CORE metric",
     "reward": "mean reward",
+    "pass@1": "GSM8K pass@1",
 }
 STAGE_ORDER = ["base_train", "mid_train", "chat_sft", "chat_rl"]
 
@@ -56,7 +59,7 @@ def make_plots(metrics: dict[str, list[dict]], out_stem: Path) -> list[tuple[str
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        path = out_stem.parent / f"{out_stem.name}_{metric}.png"
+        path = out_stem.parent / f"{out_stem.name}_{re.sub(r'[^A-Za-z0-9]+', '_', metric)}.png"
         atomic_write_bytes(path, buffer.getvalue())
         plots.append((label, path))
     return plots

