@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +154,14 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
 
 def compute_cleanup() -> None:
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down under a peer's pending collective
         dist.destroy_process_group()
+        # gloo's worker threads release a finished collective's tensors a moment after the caller's wait()
+        # returns; when that release is the tensor's last reference it needs the GIL, and if the interpreter is
+        # already finalizing, the thread is killed mid-destructor and the process aborts ("terminate called
+        # without an active exception", exit -6) after all its work was done and saved (seen in ~1 of 10
+        # two-rank runs on CPU). Letting go of the GIL briefly lets them finish first.
+        time.sleep(0.2)
 
 
 # -----------------------------------------------------------------------------
