@@ -427,8 +427,32 @@ def _record(losses: torch.Tensor, predictions: torch.Tensor, input_ids: torch.Te
     return out
 
 
-def _supports_kv_cache(model) -> bool:
+def _is_nanochat_gpt(model) -> bool:
+    """Our GPT gets the fast paths (KV-cache prefix sharing, span-only LM head); any other model that maps ids to
+    logits is scored from its full logits."""
     return isinstance(getattr(model, "config", None), GPTConfig) and hasattr(model, "lm_head")
+
+
+@torch.no_grad()
+def _score_spans(model, input_ids: torch.Tensor, spans: Sequence[tuple[int, int]],
+                 kv_cache=None) -> list[tuple[float, bool]]:
+    """What _record computes from full logits, with the LM head applied only where a span is predicted: a row
+    of a few hundred tokens scores a handful, and at a large vocabulary the head is most of a small model's
+    work (and its (B, T, vocab) logits most of the memory)."""
+    hidden = model.hidden_states(input_ids, kv_cache=kv_cache)
+    rows = torch.cat([torch.full((end - start,), row) for row, (start, end) in enumerate(spans)])
+    positions = torch.cat([torch.arange(start - 1, end - 1) for start, end in spans])  # t predicts token t+1
+    rows, positions = rows.to(input_ids.device), positions.to(input_ids.device)
+    logits = model.logits(hidden[rows, positions])
+    targets = input_ids[rows, positions + 1]
+    losses = F.cross_entropy(logits, targets, reduction="none").cpu()
+    hits = (logits.argmax(dim=-1) == targets).cpu()
+    out, offset = [], 0
+    for start, end in spans:
+        n = end - start
+        out.append((losses[offset:offset + n].mean().item(), bool(hits[offset:offset + n].all())))
+        offset += n
+    return out
 
 
 def _new_cache(model, batch_size: int, seq_len: int) -> KVCache:
@@ -439,8 +463,11 @@ def _new_cache(model, batch_size: int, seq_len: int) -> KVCache:
 
 @torch.no_grad()
 def _score_plain(model, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], device,
-                 pad_id: int) -> list[tuple[float, bool]]:
+                 pad_id: int, per_example: bool = False) -> list[tuple[float, bool]]:
+    """Score padded sequences in one forward pass. per_example: the reference path, with full logits."""
     input_ids = _pad(sequences, pad_id).to(device)
+    if not per_example and _is_nanochat_gpt(model):
+        return _score_spans(model, input_ids, spans)
     losses, predictions = forward_losses(model, input_ids)
     return _record(losses, predictions, input_ids, spans)
 
@@ -452,7 +479,8 @@ def _score_shared(model, items: Sequence[ScoredSequences], device, pad_id: int) 
     the distinct tails are run per sequence."""
     prefix_lengths = [shared_prefix_length(item) for item in items]
     prefill = _new_cache(model, len(items), max(prefix_lengths))
-    model(_pad([item.tokens[0][:p] for item, p in zip(items, prefix_lengths)], pad_id).to(device), kv_cache=prefill)
+    model.hidden_states(_pad([item.tokens[0][:p] for item, p in zip(items, prefix_lengths)], pad_id).to(device),
+                        kv_cache=prefill)  # only the cache is wanted
     prefill.pos.copy_(torch.tensor(prefix_lengths))  # forget the padding: rows continue after their own prefix
     owners = [(g, s) for g, item in enumerate(items) for s in range(len(item.tokens))]
     tails, spans = [], []
@@ -464,9 +492,7 @@ def _score_shared(model, items: Sequence[ScoredSequences], device, pad_id: int) 
     cache = _new_cache(model, len(owners), max(prefix_lengths) + max(len(tail) for tail in tails))
     for row, (g, _) in enumerate(owners):
         cache.copy_row(prefill, g, row)
-    input_ids = _pad(tails, pad_id).to(device)
-    losses, predictions = forward_losses(model, input_ids, kv_cache=cache)
-    scores = _record(losses, predictions, input_ids, spans)
+    scores = _score_spans(model, _pad(tails, pad_id).to(device), spans, kv_cache=cache)
     grouped: list[list[tuple[float, bool]]] = [[] for _ in items]
     for (g, _), score in zip(owners, scores):
         grouped[g].append(score)
@@ -483,9 +509,10 @@ def score_items(model, items: Sequence[ScoredSequences], device: torch.device | 
         max_batch_tokens = MAX_BATCH_TOKENS.get(torch.device(device).type, DEFAULT_MAX_BATCH_TOKENS)
     if per_example:
         for i, item in enumerate(items):
-            results[i] = _score_plain(model, item.tokens, list(zip(item.starts, item.ends)), device, pad_id)
+            results[i] = _score_plain(model, item.tokens, list(zip(item.starts, item.ends)), device, pad_id,
+                                      per_example=True)
         return results
-    use_cache = _supports_kv_cache(model)
+    use_cache = _is_nanochat_gpt(model)
     shared = [i for i, item in enumerate(items) if use_cache and shared_prefix_length(item) >= MIN_SHARED_PREFIX]
     shared_set = set(shared)
     # items with a long shared prefix: packed item by item, each pass = prefill + tails

@@ -327,6 +327,30 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean", logits_to_keep: int = 0):
         B, T = idx.shape
+        x = self.hidden_states(idx, kv_cache)
+        if targets is not None and x.device.type == "cpu" and loss_reduction in ("mean", "sum"):
+            return softcapped_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                            self.SOFTCAP, loss_reduction)
+        if targets is None and logits_to_keep:  # a prefill needs only the last positions' logits: skip the LM
+            x = x[:, -logits_to_keep:]          # head elsewhere (at a 65k vocab it is most of a small model's work)
+        logits = self.logits(x)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., n_embd) -> soft-capped fp32 logits (..., vocab)."""
+        logits = self.lm_head(x).float()
+        if torch.is_grad_enabled():
+            return self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
+        return logits.div_(self.SOFTCAP).tanh_().mul_(self.SOFTCAP)  # decoding: no temporaries of (B, vocab)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, n_embd) final normed hidden states, before the LM head. With a cache the
+        chunk continues each row's cached prefix, and the cache advances by T."""
+        T = idx.size(1)
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens is longer than the rotary table ({self.rotary_len})")
@@ -345,22 +369,9 @@ class GPT(nn.Module):
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache, positions, cache_len, start)
-        x = norm(x)
         if kv_cache is not None:
             kv_cache.pos += T
-
-        if targets is not None and x.device.type == "cpu" and loss_reduction in ("mean", "sum"):
-            return softcapped_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                            self.SOFTCAP, loss_reduction)
-        if targets is None and logits_to_keep:  # a prefill needs only the last positions' logits: skip the LM
-            x = x[:, -logits_to_keep:]          # head elsewhere (at a 65k vocab it is most of a small model's work)
-        logits = self.lm_head(x).float()
-        logits = self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        return norm(x)
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
