@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import autodetect_device_type, get_base_dir, get_compute_dtype
+from nanochat.common import autocast_context, autodetect_device_type, get_base_dir
 from nanochat.core_eval import evaluate_task, get_eval_bundle, load_core_tasks, load_task_data
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.tokenizer import Tokenizer
@@ -76,8 +75,7 @@ def main() -> None:
 
     device_type = args.device_type or autodetect_device_type()
     device = torch.device(device_type)
-    dtype = get_compute_dtype(device_type)
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = autocast_context(device_type)
     tokenizer = load_tokenizer(args.vocab_size)
     torch.manual_seed(0)
     model = GPT(model_config_from_depth(args.depth, tokenizer.get_vocab_size(), args.sequence_len)).to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -101,6 +102,13 @@ def get_compute_dtype(device_type: str) -> torch.dtype:
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_context(device_type: str):
+    """What every forward pass runs under: autocast to the compute dtype, or nothing when that is fp32. The
+    returned context can be entered again and again."""
+    dtype = get_compute_dtype(device_type)
+    return torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------

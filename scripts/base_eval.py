@@ -17,12 +17,18 @@ import csv
 import io
 import math
 import time
-from contextlib import nullcontext
 
-import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write_text, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, print0
+from nanochat.checkpoint import load_model
+from nanochat.common import (
+    atomic_write_text,
+    autocast_context,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    print0,
+)
 from nanochat.core_eval import CORE_TASKS, CoreResult, evaluate_core, get_eval_bundle
 from nanochat.engine import Engine
 from report import get_report
@@ -91,11 +97,7 @@ def results_csv(result: CoreResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist_info = compute_init(args.device_type or None)
-    compute_dtype = get_compute_dtype(dist_info.device_type)
-    autocast = (torch.autocast(dist_info.device_type, dtype=compute_dtype) if compute_dtype != torch.float32
-                else nullcontext())
-
-    from nanochat.checkpoint import load_model  # the pretraining stream's module, imported where it is needed
+    autocast = autocast_context(dist_info.device_type)
 
     model, tokenizer, meta = load_model(args.source, dist_info.device, phase="eval", tag=args.tag, step=args.step)
     step = meta.get("step", args.step)

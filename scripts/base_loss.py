@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
-
-import torch
 
 from nanochat.checkpoint import load_model
-from nanochat.common import autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype, print0
+from nanochat.common import (
+    autocast_context,
+    autodetect_device_type,
+    compute_cleanup,
+    compute_init,
+    print0,
+)
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -48,9 +51,7 @@ def evaluate(args: argparse.Namespace, dist_info) -> None:
     from report import get_report
 
     device = dist_info.device
-    compute_dtype = get_compute_dtype(dist_info.device_type)
-    autocast = (torch.amp.autocast(device_type=dist_info.device_type, dtype=compute_dtype)
-                if compute_dtype != torch.float32 else nullcontext())
+    autocast = autocast_context(dist_info.device_type)
     model, tokenizer, meta = load_model("base", device, phase="eval", tag=args.model_tag, step=args.step)
     token_bytes = get_token_bytes(device)
     seq_len = model.config.sequence_len

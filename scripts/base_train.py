@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from nanochat.checkpoint import (
     set_rng_state,
 )
 from nanochat.common import (
+    autocast_context,
     autodetect_device_type,
     compute_cleanup,
     compute_init,
@@ -202,8 +202,7 @@ def train(args: argparse.Namespace, dist_info) -> None:
     rank, world_size = dist_info.rank, dist_info.world_size
     resolve_device_defaults(args, device_type, world_size)
     compute_dtype = get_compute_dtype(device_type)
-    autocast = (torch.amp.autocast(device_type=device_type, dtype=compute_dtype)
-                if compute_dtype != torch.float32 else nullcontext())
+    autocast = autocast_context(device_type)
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size

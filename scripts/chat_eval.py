@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import nullcontext
-
-import torch
 
 from nanochat.categorical_eval import run_categorical_eval, sum_across_ranks
-from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, get_dist_info, print0
+from nanochat.checkpoint import load_model
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_dist_info, print0
 from nanochat.engine import Engine
 from report import get_report
 from tasks.arc import ARC
@@ -107,11 +105,7 @@ def chatcore(accuracies: dict[str, float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dist_info = compute_init(args.device_type or None)
-    compute_dtype = get_compute_dtype(dist_info.device_type)
-    autocast = (torch.autocast(dist_info.device_type, dtype=compute_dtype) if compute_dtype != torch.float32
-                else nullcontext())
-
-    from nanochat.checkpoint import load_model  # the pretraining stream's module, imported where it is needed
+    autocast = autocast_context(dist_info.device_type)
 
     model, tokenizer, meta = load_model(args.source, dist_info.device, phase="eval", tag=args.tag, step=args.step)
     engine = Engine(model, tokenizer)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -38,7 +37,7 @@ from nanochat.chat_data import (
     supervised_step,
 )
 from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
-from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, get_wandb, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, print0
 from report import get_report
 from tasks.arc import ARC
 from tasks.common import TaskMixture
@@ -123,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     user_config = vars(args).copy()
     dist_info = compute_init(args.device_type or None)
     device, rank, world_size, master = dist_info.device, dist_info.rank, dist_info.world_size, dist_info.master
-    compute_dtype = get_compute_dtype(dist_info.device_type)
-    autocast = (torch.autocast(dist_info.device_type, dtype=compute_dtype) if compute_dtype != torch.float32
-                else nullcontext())
+    autocast = autocast_context(dist_info.device_type)
     # evaluation volume: the GPU run's defaults would take longer than the whole CPU run's training
     on_cuda = dist_info.device_type == "cuda"
     args.eval_steps = args.eval_steps or (100 if on_cuda else 10)

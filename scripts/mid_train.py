@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -37,7 +36,7 @@ from nanochat.chat_data import (
     supervised_step,
 )
 from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
-from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, get_wandb, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, print0
 from report import get_report
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
@@ -140,9 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     user_config = vars(args).copy()
     dist_info = compute_init(args.device_type or None)
     device, rank, world_size, master = dist_info.device, dist_info.rank, dist_info.world_size, dist_info.master
-    compute_dtype = get_compute_dtype(dist_info.device_type)
-    autocast = (torch.autocast(dist_info.device_type, dtype=compute_dtype) if compute_dtype != torch.float32
-                else nullcontext())
+    autocast = autocast_context(dist_info.device_type)
     # a fixed total batch, whatever the number of GPUs and the rows that fit on one; a CPU run takes one micro-batch
     if args.total_batch_size is None:
         on_cuda = dist_info.device_type == "cuda"
