@@ -185,7 +185,7 @@ class TextStream:
     Special tokens are not text; they yield nothing (the caller sees the token id)."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self._token_bytes = tokenizer.enc.decode_single_token_bytes  # bytes of one token, even half a character
+        self._token_bytes = tokenizer.token_bytes
         self._special_ids = set(tokenizer.special_tokens.values())
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -176,6 +176,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: possibly part of a multi-byte character, which decode() would replace."""
+        return self.enc.decode_single_token_bytes(token_id)
+
     def _token_id(self, token: int | str) -> int:
         if isinstance(token, str):
             return self.encode_special(token)
