@@ -135,20 +135,21 @@ print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")
     ;;
 tiny)
     # Every stage of the real pipeline on a laptop-sized budget: <= 30 minutes on 2 CPU cores. A step of the
-    # depth-4 model on 8 x 256 tokens costs ~5 CPU-seconds there, which sets the step counts.
+    # depth-4 model on 8 x 256 tokens takes ~0.6 s there (2 cores), so base training's 600 steps (1.2M tokens,
+    # under one pass over the sample mirror's train shards) take ~6 minutes and the whole run ~12.
     NUM_SHARDS=3
     TOK_TRAIN_ARGS=(--vocab-size=4096 --max-chars=5000000)
     BASE_TRAIN_ARGS=(--depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=2048
-                     --num-iterations=150 --eval-every=50 --eval-tokens=8192 --core-metric-every=-1 --sample-every=-1
-                     --save-every=50)
+                     --num-iterations=600 --eval-every=100 --eval-tokens=8192 --core-metric-every=-1 --sample-every=-1
+                     --save-every=100)
     BASE_LOSS_ARGS=(--device-batch-size=8 --split-tokens=16384)
     BASE_EVAL_ARGS=(--max-per-task=16)
-    MID_TRAIN_ARGS=(--num-iterations=60 --device-batch-size=8 --max-seq-len=256 --total-batch-size=2048
-                    --eval-every=30 --eval-tokens=4096 --save-every=30)
-    CHAT_SFT_ARGS=(--num-iterations=40 --device-batch-size=4 --examples-per-step=8 --max-seq-len=256
-                   --eval-every=20 --eval-steps=4 --eval-metrics-every=-1 --eval-metrics-max-problems=16 --save-every=20)
-    CHAT_RL_ARGS=(--num-steps=8 --examples-per-step=2 --num-samples=4 --device-batch-size=8 --max-new-tokens=64
-                  --eval-every=4 --eval-examples=8 --save-every=4)
+    MID_TRAIN_ARGS=(--num-iterations=150 --device-batch-size=8 --max-seq-len=256 --total-batch-size=2048
+                    --eval-every=50 --eval-tokens=4096 --save-every=50)
+    CHAT_SFT_ARGS=(--num-iterations=80 --device-batch-size=4 --examples-per-step=8 --max-seq-len=256
+                   --eval-every=40 --eval-steps=4 --eval-metrics-every=-1 --eval-metrics-max-problems=16 --save-every=40)
+    CHAT_RL_ARGS=(--num-steps=16 --examples-per-step=2 --num-samples=4 --device-batch-size=8 --max-new-tokens=64
+                  --eval-every=8 --eval-examples=8 --save-every=8)
     CHAT_EVAL_ARGS=(-a "$CHAT_EVAL_TASKS" --max-problems=20 --max-new-tokens=128)
     ;;
 micro)
