@@ -38,16 +38,16 @@ def newtonschulz_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
     """Approximately U @ V.T for G = U S V.T, via a quintic Newton-Schulz iteration.
 
     The coefficients (a, b, c) maximize the slope at zero, so small singular values grow fast; the iteration does not
     converge to exactly 1 but to roughly U S' V.T with S' in [0.7, 1.2], which does not hurt training; the same
     tolerance makes it stable in bf16, which it uses where bf16 is fast (newtonschulz_dtype). G may be a batch of
-    matrices (..., rows, cols), each orthogonalized on its own."""
+    matrices (..., rows, cols), each orthogonalized on its own. dtype: the iteration's (default newtonschulz_dtype)."""
     assert G.ndim >= 2
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.to(newtonschulz_dtype(G.device))
+    X = G.to(dtype or newtonschulz_dtype(G.device))
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
         X = X.mT
@@ -67,11 +67,12 @@ _compiled_newtonschulz = None
 def orthogonalize(G: Tensor, steps: int) -> Tensor:
     """Newton-Schulz, compiled on CUDA (it is a chain of small matmuls and elementwise ops, a good fusion target)."""
     global _compiled_newtonschulz
+    dtype = newtonschulz_dtype(G.device)  # chosen outside the compiled graph: a constant for it
     if not G.is_cuda:
-        return zeropower_via_newtonschulz5(G, steps)
+        return zeropower_via_newtonschulz5(G, steps, dtype)
     if _compiled_newtonschulz is None:
         _compiled_newtonschulz = torch.compile(zeropower_via_newtonschulz5)
-    return _compiled_newtonschulz(G, steps)
+    return _compiled_newtonschulz(G, steps, dtype)
 
 
 def momentum_direction(grad: Tensor, momentum_buffer: Tensor, momentum: float, nesterov: bool) -> Tensor:
