@@ -13,6 +13,7 @@ from, its optimizers, and its own checkpoints, which resume exactly.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -324,6 +325,24 @@ def evaluate_loss(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], a
 
 # -----------------------------------------------------------------------------
 # Stage plumbing: the model a stage starts from, its optimizers, and checkpoints that resume exactly
+
+
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: str, init_lr_frac: float) -> None:
+    """The flags every chat stage shares: where its model comes from, resume, device, wandb, and the optimizer's
+    learning rates (those of pretraining, scaled by --init-lr-frac)."""
+    parser.add_argument("--model-tag", "--tag", dest="model_tag", default=None,
+                        help="model tag to start from (default: the largest)")
+    parser.add_argument("--step", type=int, default=None, help="model step to start from (default: the last)")
+    parser.add_argument("--resume", action="store_true", help=f"continue from the last {stage} checkpoint of this tag")
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' turns wandb off)")
+    optimizer = parser.add_argument_group("optimizer")
+    optimizer.add_argument("--unembedding-lr", type=float, default=0.004)
+    optimizer.add_argument("--embedding-lr", type=float, default=0.2)
+    optimizer.add_argument("--matrix-lr", type=float, default=0.02)
+    optimizer.add_argument("--weight-decay", type=float, default=0.0)
+    optimizer.add_argument("--init-lr-frac", type=float, default=init_lr_frac,
+                           help="learning rates as a fraction of the above")
 
 
 def stage_root(stage: str) -> Path:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from nanochat.chat_data import (
     ConversationStream,
+    add_stage_arguments,
     all_reduce_sum,
     collate_padded,
     load_stage_model,
@@ -45,12 +46,7 @@ from tasks.gsm8k import GSM8K
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (GRPO-style, on-policy)")
     parser.add_argument("--source", default="sft", choices=["sft", "mid"], help="which stage's model to train")
-    parser.add_argument("--model-tag", "--tag", dest="model_tag", default=None,
-                        help="model tag to start from (default: the largest)")
-    parser.add_argument("--step", type=int, default=None, help="model step to start from (default: the last)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint of this tag")
-    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' turns wandb off)")
+    add_stage_arguments(parser, "RL", init_lr_frac=0.05)
     # rollouts
     parser.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all ranks")
     parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question (the group)")
@@ -61,11 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (0: all)")
     # schedule
     parser.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1: one pass over GSM8K train)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004)
-    parser.add_argument("--embedding-lr", type=float, default=0.2)
-    parser.add_argument("--matrix-lr", type=float, default=0.02)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates as a fraction of the above")
     # evaluation and checkpoints
     parser.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations (-1: end only)")
     parser.add_argument("--eval-examples", type=int, default=None,

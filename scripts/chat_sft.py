@@ -24,6 +24,7 @@ from nanochat.categorical_eval import run_categorical_eval
 from nanochat.chat_data import (
     ConversationStream,
     PaddedBatcher,
+    add_stage_arguments,
     evaluate_loss,
     load_stage_model,
     load_tasks,
@@ -50,12 +51,7 @@ from tasks.spellingbee import SpellingBee
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Supervised finetuning on single conversations")
     parser.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
-    parser.add_argument("--model-tag", "--tag", dest="model_tag", default=None,
-                        help="model tag to start from (default: the largest)")
-    parser.add_argument("--step", type=int, default=None, help="model step to start from (default: the last)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of this tag")
-    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' turns wandb off)")
+    add_stage_arguments(parser, "SFT", init_lr_frac=0.02)
     # batch
     parser.add_argument("--max-seq-len", type=int, default=2048,
                         help="longest conversation, in tokens (longer ones are truncated, and counted)")
@@ -66,11 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # schedule
     parser.add_argument("--num-iterations", type=int, default=-1,
                         help="optimizer steps (-1: one pass over the mixture)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004)
-    parser.add_argument("--embedding-lr", type=float, default=0.2)
-    parser.add_argument("--matrix-lr", type=float, default=0.02)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--init-lr-frac", type=float, default=0.02, help="learning rates as a fraction of the above")
     # evaluation and checkpoints
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses (-1: end only)")
     parser.add_argument("--eval-steps", type=int, default=None,

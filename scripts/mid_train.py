@@ -23,6 +23,7 @@ import torch.distributed as dist
 from nanochat.chat_data import (
     ConversationPacker,
     ConversationStream,
+    add_stage_arguments,
     evaluate_loss,
     load_stage_model,
     load_tasks,
@@ -37,6 +38,7 @@ from nanochat.chat_data import (
 )
 from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
 from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, print0
+from nanochat.gpt import peak_flops
 from report import get_report
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
@@ -45,17 +47,10 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee
 
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, per GPU: the denominator of MFU
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Midtrain a base model on a mixture of conversation tasks")
-    parser.add_argument("--model-tag", "--tag", dest="model_tag", default=None,
-                        help="base model tag to start from (default: the largest)")
-    parser.add_argument("--step", type=int, default=None, help="base model step to start from (default: the last)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
-    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' turns wandb off)")
+    add_stage_arguments(parser, "mid", init_lr_frac=1.0)
     # batch
     parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row")
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per GPU")
@@ -65,11 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # schedule
     parser.add_argument("--num-iterations", type=int, default=-1,
                         help="optimizer steps (-1: one pass over the training mixture)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004)
-    parser.add_argument("--embedding-lr", type=float, default=0.2)
-    parser.add_argument("--matrix-lr", type=float, default=0.02)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--init-lr-frac", type=float, default=1.0, help="learning rates as a fraction of the above")
     parser.add_argument("--warmdown-ratio", type=float, default=0.2,
                         help="fraction of training at the end over which the LR decays linearly to zero")
     # evaluation and checkpoints
@@ -203,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         return float(progress)
 
     flops_per_step = model.estimate_flops() * args.total_batch_size
+    peak = peak_flops(dist_info.device)  # None off CUDA or on an unlisted GPU: MFU is then not shown
     train_losses: dict[int, float] = {}
     val_losses: dict[int, float] = {}
     step = start_step
@@ -251,8 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         if step - start_step > 1:  # the first step includes compilation
             loop_state["training_time"] += dt
         tokens_per_second = args.total_batch_size / dt
-        mfu = 100 * flops_per_step / dt / (H100_BF16_PEAK_FLOPS * world_size)  # meaningful on H100s only
-        mfu_text = f" | mfu {mfu:.1f}%" if dist_info.device_type == "cuda" else ""
+        mfu = 100 * flops_per_step / dt / (peak * world_size) if peak else None
+        mfu_text = f" | mfu {mfu:.1f}%" if mfu is not None else ""
         print0(f"step {step:05d} ({100 * min(progress, 1):.1f}%) | loss {train_loss:.4f} | lrm {lrm:.3f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {tokens_per_second:,.0f}{mfu_text} | "
                f"time {loop_state['training_time'] / 60:.2f}m")
