@@ -24,16 +24,7 @@ from tasks.common import DatasetUnavailableError, TaskMixture
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the threads' synchronisation
-    costs more than the work itself: the chat-stage tests ran 4.5x faster on one thread (57 s -> 13 s, measured
-    under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ListTask:

@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig, KVCache, model_config_from_depth, softcapped_cross_entropy
 from nanochat.optim import Muon
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP threads cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(n_kv_head: int = 2, seed: int = 0) -> GPT:

@@ -40,14 +40,7 @@ RL_ARGS = ["--device-type=cpu", "--num-steps=2", "--num-samples=2", "--examples-
            "--max-new-tokens=6", "--eval-every=2", "--eval-examples=2", "--save-every=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the threads' synchronisation
-    costs more than the work itself: this file ran 4.5x faster on one thread (57 s -> 13 s, measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def use_dirs(monkeypatch, base_dir: Path) -> None:

@@ -18,12 +18,7 @@ STEPS = 3
 LR_MULTIPLIERS = [1.0, 0.5, 0.25]  # the schedule changes lr between steps, as in training
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
