@@ -27,6 +27,19 @@ def new_cache(model: GPT, batch_size: int, seq_len: int = 48) -> KVCache:
     return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
 
 
+def test_residual_stream_runs_in_the_autocast_dtype():
+    """Under bf16 autocast (CUDA training) the activations are bf16 from the embedding on, halving the memory saved
+    for backward; without autocast (CPU) they stay fp32."""
+    model = tiny_model()
+    idx = torch.randint(0, 301, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert model.hidden_states(idx).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(idx)
+        loss = model(idx, targets=idx)
+    assert hidden.dtype == torch.bfloat16
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("n_kv_head", [4, 2])  # plain multi-head and grouped-query attention
 def test_kv_cache_decoding_gives_the_full_forward_logits(n_kv_head):
     model = tiny_model(n_kv_head)
