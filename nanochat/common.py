@@ -144,6 +144,10 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
         raise RuntimeError("--device-type=cuda was asked for but no CUDA GPU is visible; use --device-type=cpu")
     torch.manual_seed(seed)
     if device_type == "cuda":
+        # Growable segments instead of fixed blocks: little memory lost to fragmentation, which matters at depth 20
+        # (~77 GiB peak on an 80 GB card). Read when CUDA first allocates, so it must be set before that; a value
+        # the user exported wins.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 

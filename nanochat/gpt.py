@@ -177,16 +177,18 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The loss head on CPU: LM head + softcap + cross-entropy in one pass over row chunks
+# The loss head: LM head + softcap + cross-entropy in one pass over row chunks
 #
 # Eager PyTorch materializes (B*T, vocab) fp32 logits several times (tanh, log_softmax, their backwards, a zero-filled
 # gradient) and walks them again in backward. Here each chunk of rows computes its logits, loss and the gradient of the
 # loss with respect to its logits in one go (d/dz of CE is softmax - onehot; the softcap's derivative is 1 - tanh²),
 # turns that into the gradients of the hidden states and the LM head at once, and is freed; backward only scales them.
 # Measured (1 CPU thread, process CPU time, depth 4, batch 8x256): forward+backward 1070 -> 800 ms at vocab 8192
-# (1.33x), 2820 -> 2000 ms at vocab 32768 (1.41x), against the plain expression below.
-# On CUDA the plain expression stays: torch.compile fuses it there. Measured on an H200 (depth 20, 32 x 2048 tokens,
-# bf16, compiled forward+backward): this chunked form was 1% slower and peaked 1 GiB higher than the plain one.
+# (1.33x), 2820 -> 2000 ms at vocab 32768 (1.41x), against the plain expression in GPT.forward.
+# On CUDA, torch.compile traces through it (the chunk loop unrolls) and the point is memory: the full logits of
+# 32 x 2048 tokens at a 65k vocab are 7.5 GiB in bf16. Depth 20 base_train on an H200 capped at 80,000 MiB (what an
+# 80 GB H100 leaves a process): the plain expression ran out of memory at its logits, this form peaked at 77.1 GiB.
+# Uncapped, base_train ran at 52.5-52.9% MFU with it (forward+backward alone: 1% slower than the plain expression).
 
 
 class _SoftcappedCrossEntropy(torch.autograd.Function):
@@ -225,11 +227,11 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
 
 
 def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                             reduction: str = "mean") -> torch.Tensor:
+                             reduction: str = "mean", chunk_rows: int = 256) -> torch.Tensor:
     """cross_entropy(softcap * tanh((x @ weight.T) / softcap), targets, ignore_index=-1), chunked; see above."""
     if not 0 < softcap <= 80:
         raise ValueError(f"softcap must be in (0, 80] so exp(logit) fits in fp32 without max-subtraction, got {softcap}")
-    return _SoftcappedCrossEntropy.apply(x, weight, targets, softcap, reduction)
+    return _SoftcappedCrossEntropy.apply(x, weight, targets, softcap, reduction, chunk_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -329,9 +331,10 @@ class GPT(nn.Module):
                 loss_reduction: str = "mean", logits_to_keep: int = 0):
         B, T = idx.shape
         x = self.hidden_states(idx, kv_cache)
-        if targets is not None and x.device.type == "cpu" and loss_reduction in ("mean", "sum"):
+        if targets is not None and loss_reduction in ("mean", "sum"):
+            chunk_rows = 256 if x.device.type == "cpu" else 4096  # a chunk's logits: cache-sized on CPU, ~1 GiB on GPU
             return softcapped_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                            self.SOFTCAP, loss_reduction)
+                                            self.SOFTCAP, loss_reduction, chunk_rows)
         if targets is None and logits_to_keep:  # a prefill needs only the last positions' logits: skip the LM
             x = x[:, -logits_to_keep:]          # head elsewhere (at a 65k vocab it is most of a small model's work)
         logits = self.logits(x)
@@ -370,8 +373,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if torch.is_autocast_enabled(x.device.type):
             # The residual stream in the compute dtype (bf16 on CUDA), not the embedding's fp32: the activations
-            # saved for backward halve. Depth 20 at 32 x 2048 tokens per GPU (H200, compiled): peak memory 88.9 -> ~75
-            # GiB, so it fits an 80 GB H100; MFU 52.2% -> 52.6%, the same losses to 4 digits.
+            # saved for backward halve. Depth 20 at 32 x 2048 tokens per GPU (H200, compiled), with the chunked loss
+            # head: peak memory 88.9 -> 76.1 GiB, MFU 52.2% -> 52.6%, the same losses to 4 digits.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = norm(x)
         for block in self.transformer.h:

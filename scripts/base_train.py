@@ -395,7 +395,8 @@ def train(args: argparse.Namespace, dist_info) -> None:
         loop["step"] = done
 
     train_loader.close()
-    peak_memory = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB" if device_type == "cuda" else "n/a"
+    peak_memory = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB ({torch.cuda.max_memory_reserved() / 2**30:.2f}"
+                   f"GiB reserved)" if device_type == "cuda" else "n/a")
     print0(f"done: min val bpb {loop['min_val_bpb']:.4f}, training time {loop['total_training_time'] / 60:.2f}m, "
            f"peak memory {peak_memory}")
     report.log("Base model training", [

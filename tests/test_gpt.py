@@ -1,4 +1,4 @@
-"""The GPT: KV-cache decoding equals the full forward, the fused CPU loss equals the plain expression, it learns."""
+"""The GPT: KV-cache decoding equals the full forward, the fused loss head equals the plain expression, it learns."""
 
 from __future__ import annotations
 
@@ -90,15 +90,16 @@ def test_decoding_past_the_cache_raises_a_clear_error():
         model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
 
 
+@pytest.mark.parametrize("chunk_rows", [100, 256, 4096])  # several chunks with a ragged last one; one chunk
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_loss_head_matches_the_plain_expression(reduction):
+def test_fused_loss_head_matches_the_plain_expression(reduction, chunk_rows):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(600, 32, generator=gen, requires_grad=True)  # > one chunk of rows
     weight = (0.5 * torch.randn(301, 32, generator=gen)).requires_grad_()
     targets = torch.randint(0, 301, (600,), generator=gen)
     targets[::7] = -1  # ignored positions
     plain = F.cross_entropy(15 * torch.tanh(x @ weight.T / 15), targets, ignore_index=-1, reduction=reduction)
-    fused = softcapped_cross_entropy(x, weight, targets, 15.0, reduction)
+    fused = softcapped_cross_entropy(x, weight, targets, 15.0, reduction, chunk_rows)
     torch.testing.assert_close(fused, plain)
     for a, b in zip(torch.autograd.grad(2 * plain, (x, weight)), torch.autograd.grad(2 * fused, (x, weight)),
                     strict=True):
