@@ -1,7 +1,10 @@
 """Training-step throughput of our GPT next to Hugging Face transformers' LlamaForCausalLM of the same shape.
 
     python -m bench.train                                  # CPU defaults: depth 4, 8 x 256 tokens, vocab 8192
-    python -m bench.train --depth 20 --batch-size 32 --seq-len 2048 --vocab-size 65536   # a GPU: MFU, memory
+    python -m bench.train --depth 20 --batch-size 8 --seq-len 2048 --vocab-size 65536    # a GPU: MFU, memory
+
+(On a GPU both models run eager, so they need far more memory than compiled training: at --batch-size 32 they ran
+out of an H200's 140 GB.)
 
 A training step is forward + backward over --grad-accum micro-batches of (batch, seq) tokens, then one optimizer step:
 ours with its own optimizers (Muon + AdamW), Llama with fused AdamW. Both forward/backward and optimizer time are
