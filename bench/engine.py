@@ -4,11 +4,11 @@
     python -m bench.engine --depth 12 --new-tokens 256 --batch-sizes 1 16 64     # on a GPU
 
 Both decode greedily from the same random prompt replicated `batch` times, `new_tokens` tokens per row, with a KV
-cache, eager PyTorch (no torch.compile), in the same process, alternating measurement rounds. Ours: one prefill at
-batch 1, its cache copied to every row (Engine.generate's num_samples). Llama: generate() on the batch with
-min_new_tokens = max_new_tokens so it never stops early. tokens/s = batch * generated tokens / wall time (prefill
-included for both). "Same shape" is bench/train.py's: equal depth, width, heads, vocab, untied embeddings, and a
-SwiGLU MLP of 8/3 x width.
+cache in the same --dtype, eager PyTorch (no torch.compile), in the same process, alternating measurement rounds.
+Ours: one prefill at batch 1, its cache copied to every row (Engine.generate's num_samples). Llama: generate() on the
+batch with min_new_tokens = max_new_tokens so it never stops early. tokens/s = batch * generated tokens / wall time
+(prefill included for both). "Same shape" is bench/train.py's: equal depth, width, heads, vocab, untied embeddings,
+and a SwiGLU MLP of 8/3 x width.
 
 transformers is not a project dependency: `.venv/bin/pip install transformers` to run this.
 """
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds (median reported)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="both models' weights and KV caches (chat_cli/chat_web serve in the compute dtype: bf16 "
+                             "on recent GPUs, fp32 on CPU unless NANOCHAT_DTYPE=bfloat16)")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice); on a "
                         "shared machine 1 avoids OpenMP threads waiting on each other")
@@ -105,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device_type or autodetect_device_type())
     torch.manual_seed(0)
     ours, llama = build_models(args, device)
+    dtype = getattr(torch, args.dtype)
+    ours, llama = ours.to(dtype), llama.to(dtype)
     engine = Engine(ours, byte_level_tokenizer_with_vocab(args.vocab_size))
     # a prompt without special tokens, and greedy decoding of a fresh model never hits one either (checked below)
     prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     c = ours.config
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), fp32, "
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {args.dtype}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
     print(f"shape: depth {c.n_layer}, width {c.n_embd}, heads {c.n_head}, vocab {c.vocab_size}; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, greedy")

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from nanochat.common import get_compute_dtype
 from nanochat.gpt import GPT, KVCache
 from nanochat.tokenizer import Tokenizer
 
@@ -201,6 +202,16 @@ class TextStream:
 
 # -----------------------------------------------------------------------------
 # The Engine: one prompt, prefilled once, decoded as N independent samples
+
+
+def cast_for_serving(model: GPT) -> GPT:
+    """The model's weights (and so its KV caches) in the compute dtype of its device: bf16 on recent GPUs, fp32 on
+    CPU unless NANOCHAT_DTYPE says otherwise. Training keeps fp32 weights (autocast casts them at every forward) for
+    the optimizer's sake; a served model has no optimizer, so it is cast once.
+    bf16 halves the memory of weights and cache and the bytes each decode step reads: with NANOCHAT_DTYPE=bfloat16
+    on 2 Zen 4 cores (native bf16), bench/engine.py decoded 1.7x faster at batch 1 and 1.4x at batch 16."""
+    return model.to(get_compute_dtype(model.get_device().type))
+
 
 
 class Engine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.engine import Engine, TextStream, run_python_tool, sample_next_tokens
+from nanochat.engine import Engine, TextStream, cast_for_serving, run_python_tool, sample_next_tokens
 
 
 def chat_prompt(tokenizer, text: str) -> list[int]:
@@ -32,6 +33,23 @@ def test_greedy_with_kv_cache_equals_full_recompute(tiny_gpt, tiny_tokenizer):
             expected.append(int(logits.argmax()))
     assert results[0] == expected
     assert masks[0] == [0] * len(prompt) + [1] * 30
+
+
+def test_served_in_bf16_the_engine_decodes_what_the_fp32_model_would(tiny_gpt, tiny_tokenizer, monkeypatch):
+    """cast_for_serving under NANOCHAT_DTYPE=bfloat16: weights and KV cache in bf16, and every greedy token is
+    (within bf16 rounding) the fp32 model's best next token for the same context."""
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    served = cast_for_serving(copy.deepcopy(tiny_gpt))
+    engine = Engine(served, tiny_tokenizer)
+    assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
+    assert engine.new_cache(1, 8).k.dtype == torch.bfloat16
+    prompt = chat_prompt(tiny_tokenizer, "Why is the sky blue?")
+    tokens = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)[0][0]
+    assert len(tokens) == len(prompt) + 20
+    with torch.no_grad():
+        logits = tiny_gpt(torch.tensor([tokens[:-1]]))[0, len(prompt) - 1:]  # fp32, each generated position
+    chosen = logits.gather(1, torch.tensor(tokens[len(prompt):])[:, None]).squeeze(1)
+    assert (chosen >= logits.max(dim=1).values - 0.05).all(), (logits.max(dim=1).values - chosen)
 
 
 def test_greedy_samples_from_one_prefill_are_identical(tiny_gpt, tiny_tokenizer):
