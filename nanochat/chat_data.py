@@ -298,12 +298,11 @@ def supervised_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
-        with autocast:
-            token_losses = model(inputs, targets, loss_reduction="none")
+        with autocast:  # a sum, not per-token losses: the chunked loss head never holds the whole batch's logits
+            target_loss_sum = model(inputs, targets, loss_reduction="sum")
         # the optimizers average gradients over ranks, so scale by world_size to get a sum over ranks
-        loss = token_losses.sum() * world_size / num_targets
-        loss.backward()
-        loss_sum += token_losses.detach().sum()
+        (target_loss_sum * world_size / num_targets).backward()
+        loss_sum += target_loss_sum.detach()
     return float(all_reduce_sum(loss_sum) / num_targets)
 
 
@@ -313,8 +312,8 @@ def evaluate_loss(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], a
     loss_sum, count = None, None
     for inputs, targets in batches:
         with autocast:
-            token_losses = model(inputs, targets, loss_reduction="none")
-        batch_sum, batch_count = token_losses.float().sum(), (targets >= 0).sum().float()
+            batch_sum = model(inputs, targets, loss_reduction="sum").float()
+        batch_count = (targets >= 0).sum().float()
         loss_sum = batch_sum if loss_sum is None else loss_sum + batch_sum
         count = batch_count if count is None else count + batch_count
     if loss_sum is None:

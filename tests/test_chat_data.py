@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanochat.chat_data import (
     ConversationPacker,
@@ -236,6 +237,10 @@ def test_the_step_loss_is_the_mean_over_supervised_tokens_however_the_batch_is_s
 
     whole = supervised_step(model, [(inputs, targets)], autocast)
     whole_grads = [p.grad.clone() for p in model.parameters()]
+    with torch.no_grad():  # the plain expression: cross-entropy of the soft-capped logits, ignored targets left out
+        logits = model.logits(model.hidden_states(inputs))
+        reference = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+    assert whole == pytest.approx(reference.item(), rel=1e-5)
     model.zero_grad(set_to_none=True)
     split = supervised_step(model, [(inputs[:1], targets[:1]), (inputs[1:], targets[1:])], autocast)
     assert split == pytest.approx(whole, rel=1e-5)
