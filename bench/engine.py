@@ -1,7 +1,7 @@
 """Decode throughput of our Engine next to Hugging Face transformers' generate() on a LlamaForCausalLM of the same shape.
 
     python -m bench.engine                          # CPU defaults: depth 4, vocab 8192, batch 1 and 16
-    python -m bench.engine --depth 12 --new-tokens 256 --batch-sizes 1 16 64     # on a GPU
+    python -m bench.engine --depth 12 --new-tokens 256 --batch-sizes 1 16 64 --dtype bfloat16   # on a GPU
 
 Both decode greedily from the same random prompt replicated `batch` times, `new_tokens` tokens per row, with a KV
 cache in the same --dtype, eager PyTorch (no torch.compile), in the same process, alternating measurement rounds.

@@ -14,7 +14,7 @@ set -uo pipefail  # no -e: one failing check must not hide the others' numbers
 DEPTH=${DEPTH:-20}
 STEPS=${STEPS:-8}
 CAP_MIB=${CAP_MIB:-80000}
-ENGINE_ARGS=${ENGINE_ARGS:---depth 20 --vocab-size 65536 --new-tokens 128 --batch-sizes 1 16 64}
+ENGINE_ARGS=${ENGINE_ARGS:---depth 20 --vocab-size 65536 --new-tokens 128 --batch-sizes 1 16 64 --dtype bfloat16}
 TRAIN_ARGS=${TRAIN_ARGS:---depth 20 --batch-size 8 --seq-len 2048 --vocab-size 65536 --steps 3 --rounds 2}
 PY=${NANOCHAT_PYTHON:-python3}
 export PYTHONUNBUFFERED=1
