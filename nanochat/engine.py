@@ -213,7 +213,6 @@ def cast_for_serving(model: GPT) -> GPT:
     return model.to(get_compute_dtype(model.get_device().type))
 
 
-
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer):
         self.model = model
