@@ -103,6 +103,10 @@ class Request:
     def _push(self, event: Event) -> None:  # called on the scheduler thread
         _deliver([(self, event)])
 
+    def _end_unstarted(self, reason: str, error: str | None = None) -> None:
+        """The final event of every sample of a request that never got rows (it was waiting or never prefilled)."""
+        _deliver([(self, Event(index, None, 0, "", "text", reason, error)) for index in range(self.params.n)])
+
     def _track(self, event: Event) -> bool:
         """Count finished samples; True once the whole request is done."""
         if event.finish_reason is not None:
@@ -340,11 +344,14 @@ class Scheduler:
         """A waiting request ends here and now; a running one at the scheduler's next step."""
         with self._cond:
             if request in self.waiting:
-                self.waiting.remove(request)
-                self.counters["requests_cancelled"] += 1
-                for index in range(request.params.n):
-                    request._push(Event(index, None, 0, "", "text", "cancelled"))
+                self._drop_waiting(request)
         self._wake()
+
+    def _drop_waiting(self, request: Request) -> None:
+        """A cancelled request leaves the waiting line and ends. Called with the lock held."""
+        self.waiting.remove(request)
+        self.counters["requests_cancelled"] += 1
+        request._end_unstarted("cancelled")
 
     def _wake(self) -> None:
         with self._cond:
@@ -384,10 +391,7 @@ class Scheduler:
 
     def _drop_cancelled_waiting(self) -> None:
         for request in [r for r in self.waiting if r.cancelled]:
-            self.waiting.remove(request)
-            self.counters["requests_cancelled"] += 1
-            for index in range(request.params.n):
-                request._push(Event(index, None, 0, "", "text", "cancelled"))
+            self._drop_waiting(request)
 
     def _take_admissible(self) -> list[Request]:
         """First come, first served: the head of the line waits until its n rows are free."""
@@ -542,5 +546,4 @@ class Scheduler:
         for sample in rows:
             sample.request._push(sample.final_event(reason, error))
         for request in waiting:
-            for index in range(request.params.n):
-                request._push(Event(index, None, 0, "", "text", reason, error))
+            request._end_unstarted(reason, error)
