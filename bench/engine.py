@@ -23,7 +23,7 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type
-from nanochat.engine import Engine
+from nanochat.engine import Engine, prepare_for_serving
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.tokenizer import Tokenizer
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     ours, llama = build_models(args, device)
     dtype = getattr(torch, args.dtype)
-    ours, llama = ours.to(dtype), llama.to(dtype)
+    ours, llama = prepare_for_serving(ours, dtype), llama.to(dtype)  # ours as chat_cli/chat_web serve it
     engine = Engine(ours, byte_level_tokenizer_with_vocab(args.vocab_size))
     # a prompt without special tokens, and greedy decoding of a fresh model never hits one either (checked below)
     prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -30,7 +30,7 @@ import torch
 from bench.engine import byte_level_tokenizer_with_vocab
 from nanochat.batching import SamplingParams, Scheduler
 from nanochat.common import autodetect_device_type
-from nanochat.engine import Engine
+from nanochat.engine import Engine, prepare_for_serving
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.tokenizer import Tokenizer
 
@@ -40,7 +40,7 @@ def load_engine(args, device: torch.device) -> Engine:
         from nanochat.checkpoint import load_model
 
         model, tokenizer, _meta = load_model(args.source, device, phase="eval")
-        return Engine(model, tokenizer)
+        return Engine(prepare_for_serving(model), tokenizer)
     try:
         from nanochat.tokenizer import get_tokenizer
 
@@ -55,7 +55,7 @@ def load_engine(args, device: torch.device) -> Engine:
         torch.nn.init.normal_(model.lm_head.weight, std=0.1)
         special_ids = [tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]
         model.lm_head.weight[special_ids] = 0.0
-    return Engine(model.eval(), tokenizer)
+    return Engine(prepare_for_serving(model), tokenizer)  # as chat_web serves it
 
 
 def conversations(count: int) -> list[list[dict]]:

@@ -249,7 +249,7 @@ class Scheduler:
         self.prefill_logit_rows = prefill_logit_rows  # rows x kept positions of logits per prefill forward
         self.seq_len = min(seq_len or engine.model.config.sequence_len, engine.max_context())
         self.device = engine.model.get_device()
-        self.cache = engine.new_cache(max_batch_size, self.seq_len)  # allocated once, rows reused
+        self.cache = engine.model.new_kv_cache(max_batch_size, self.seq_len)  # allocated once, rows reused
         self.logits = torch.zeros(max_batch_size, engine.model.config.vocab_size, device=self.device)
         self.rows: list[_Sample] = []  # row i of the cache belongs to rows[i]
         self.waiting: deque[Request] = deque()

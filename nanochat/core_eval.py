@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import get_base_dir, mirror_path
-from nanochat.gpt import GPTConfig, KVCache
+from nanochat.gpt import GPTConfig
 from tasks.common import MalformedDataError, read_jsonl
 
 # The 22 tasks of CORE, in the order of the original bundle's core.yaml.
@@ -455,12 +455,6 @@ def _score_spans(model, input_ids: torch.Tensor, spans: Sequence[tuple[int, int]
     return out
 
 
-def _new_cache(model, batch_size: int, seq_len: int) -> KVCache:
-    config, weight = model.config, model.lm_head.weight
-    return KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer,
-                   device=weight.device, dtype=weight.dtype)
-
-
 @torch.no_grad()
 def _score_plain(model, sequences: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]], device,
                  pad_id: int, per_example: bool = False) -> list[tuple[float, bool]]:
@@ -478,7 +472,7 @@ def _score_shared(model, items: Sequence[ScoredSequences], device, pad_id: int) 
     prefixes go through the model once per item, into a KV cache that every sequence's row then copies, and only
     the distinct tails are run per sequence."""
     prefix_lengths = [shared_prefix_length(item) for item in items]
-    prefill = _new_cache(model, len(items), max(prefix_lengths))
+    prefill = model.new_kv_cache(len(items), max(prefix_lengths))
     model.hidden_states(_pad([item.tokens[0][:p] for item, p in zip(items, prefix_lengths)], pad_id).to(device),
                         kv_cache=prefill)  # only the cache is wanted
     prefill.pos.copy_(torch.tensor(prefix_lengths))  # forget the padding: rows continue after their own prefix
@@ -489,7 +483,7 @@ def _score_shared(model, items: Sequence[ScoredSequences], device, pad_id: int) 
         tails.append(item.tokens[s][p:])
         spans.append((item.starts[s] - p, item.ends[s] - p))
     # the model attends over max(pos) + T positions for every row, hence not max(prefix + tail)
-    cache = _new_cache(model, len(owners), max(prefix_lengths) + max(len(tail) for tail in tails))
+    cache = model.new_kv_cache(len(owners), max(prefix_lengths) + max(len(tail) for tail in tails))
     for row, (g, _) in enumerate(owners):
         cache.copy_row(prefill, g, row)
     scores = _score_spans(model, _pad(tails, pad_id).to(device), spans, kv_cache=cache)

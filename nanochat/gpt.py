@@ -280,6 +280,12 @@ class GPT(nn.Module):
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
 
+    def new_kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        """An empty KV cache shaped for this model, on its device and in the dtype of its weights. (The embedding is
+        the reference: a model prepared for serving may have swapped its linear layers for packed ones.)"""
+        c, weight = self.config, self.transformer.wte.weight
+        return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, weight.device, weight.dtype)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -392,9 +398,7 @@ class GPT(nn.Module):
             raise ValueError("generate needs a non-empty prompt (start it with the <|bos|> token)")
         device = self.get_device()
         generator = torch.Generator(device=device).manual_seed(seed)
-        c = self.config
-        dtype = self.transformer.wte.weight.dtype
-        cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.n_embd // c.n_head, c.n_layer, device, dtype)
+        cache = self.new_kv_cache(1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids, kv_cache=cache)[:, -1, :]

@@ -31,7 +31,7 @@ def _cpu_has_native_bf16() -> bool:
 
 def newtonschulz_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the hardware multiplies it natively: CUDA, and CPUs with AVX512-BF16 or AMX (there bf16 matmuls
-    run ~5x the fp32 rate: 900 vs 180 GFLOP/s on 2 Zen 4 cores, 16 x 256 x 1024). fp32 elsewhere, where bf16 is
+    run ~5x the fp32 rate: 900 vs 180 GFLOP/s on 2 Zen 5 cores, 16 x 256 x 1024). fp32 elsewhere, where bf16 is
     emulated and slower than fp32."""
     if device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16()):
         return torch.bfloat16
@@ -57,7 +57,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
     for _ in range(steps):
         A = X @ X.mT
         # the scaled sums inside the matmuls (beta * input + alpha * product): no separate elementwise passes, and
-        # no bf16 rounding between product and sum. 2 Zen 4 cores, bf16, 16 x 256 x 256: 12.4 -> 10.5 ms, and half
+        # no bf16 rounding between product and sum. 2 Zen 5 cores, bf16, 16 x 256 x 256: 12.4 -> 10.5 ms, and half
         # the error against fp64 (0.023 -> 0.011)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b * A + c * A @ A
         X = torch.baddbmm(X, B, X, beta=a)  # a * X + B @ X

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from nanochat.common import autodetect_device_type
-from nanochat.engine import Engine, TextStream, cast_for_serving
+from nanochat.engine import Engine, TextStream, prepare_for_serving
 
 # ANSI colours for tool calls and their output; plain text when stdout is not a terminal
 PART_COLOURS = {"python": "\033[33m", "python_output": "\033[36m"}
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     device_type = args.device_type or autodetect_device_type()
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device(device_type)
     model, tokenizer, _meta = load_model(args.source, device, phase="eval", tag=args.tag, step=args.step)
-    engine = Engine(cast_for_serving(model), tokenizer)
+    engine = Engine(prepare_for_serving(model), tokenizer)
 
     if args.prompt is not None:
         if not args.prompt.strip():

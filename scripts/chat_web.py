@@ -36,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 
 from nanochat.batching import Event, QueueFull, SamplingParams, Scheduler
 from nanochat.common import autodetect_device_type
-from nanochat.engine import Engine, cast_for_serving
+from nanochat.engine import Engine, prepare_for_serving
 from nanochat.tokenizer import Tokenizer
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
@@ -443,13 +443,13 @@ def main() -> None:
     schedulers, tokenizer, meta = [], None, {}
     for device in devices:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", tag=args.tag, step=args.step)
-        engine = Engine(cast_for_serving(model), tokenizer)
+        engine = Engine(prepare_for_serving(model), tokenizer)
         schedulers.append(Scheduler(engine, max_batch_size=args.max_concurrent, max_queue=args.max_queue))
     model_name = f"nanochat-{args.source}-{args.tag or 'latest'}-step{meta.get('step', args.step)}"
     defaults = Defaults(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)
     app = create_app(schedulers, tokenizer, model_name=model_name, defaults=defaults)
     print(f"serving {model_name} on {len(devices)} replica(s) ({', '.join(map(str, devices))}) in "
-          f"{str(model.lm_head.weight.dtype).removeprefix('torch.')} at http://{args.host}:{args.port}")
+          f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} at http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

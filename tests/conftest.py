@@ -73,6 +73,22 @@ def tiny_gpt(tiny_tokenizer):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def served_tiny_gpt(tiny_gpt):
+    """tiny_gpt as chat_cli and chat_web serve it: on CPU, its linear layers packed for oneDNN."""
+    import copy
+
+    from nanochat.engine import prepare_for_serving
+
+    return prepare_for_serving(copy.deepcopy(tiny_gpt))
+
+
+@pytest.fixture(params=["trained", "served"])
+def either_tiny_gpt(request):
+    """tiny_gpt, then the same weights as served: the decoding guarantees must hold for both."""
+    return request.getfixturevalue("tiny_gpt" if request.param == "trained" else "served_tiny_gpt")
+
+
 @pytest.fixture
 def scripted_gpt(tiny_tokenizer):
     """Factory: scripted_gpt(prompt_len, script) -> a GPT whose next token after position p is always

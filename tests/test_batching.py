@@ -31,9 +31,9 @@ def scheduler_factory():
         scheduler.stop()
 
 
-def test_each_request_gets_what_it_gets_alone_while_requests_come_and_go(tiny_gpt, tiny_tokenizer,
+def test_each_request_gets_what_it_gets_alone_while_requests_come_and_go(either_tiny_gpt, tiny_tokenizer,
                                                                         scheduler_factory):
-    engine = Engine(tiny_gpt, tiny_tokenizer)
+    engine = Engine(either_tiny_gpt, tiny_tokenizer)
     prompts = [chat_prompt(tiny_tokenizer, q) for q in QUESTIONS]
     lengths = [20, 7, 13, 25, 3, 16, 9]
     alone = [engine.generate_batch(p, max_tokens=n, temperature=0.0)[0][0][len(p):] for p, n in zip(prompts, lengths)]
@@ -56,8 +56,8 @@ def test_each_request_gets_what_it_gets_alone_while_requests_come_and_go(tiny_gp
     assert scheduler.stats()["active_rows"] == 0
 
 
-def test_newcomers_prefilled_together_in_one_padded_batch_match_alone(tiny_gpt, tiny_tokenizer):
-    engine = Engine(tiny_gpt, tiny_tokenizer)
+def test_newcomers_prefilled_together_in_one_padded_batch_match_alone(either_tiny_gpt, tiny_tokenizer):
+    engine = Engine(either_tiny_gpt, tiny_tokenizer)
     prompts = [chat_prompt(tiny_tokenizer, q) for q in QUESTIONS]
     alone = [engine.generate_batch(p, max_tokens=10, temperature=0.0)[0][0][len(p):] for p in prompts]
     scheduler = Scheduler(engine, max_batch_size=16)

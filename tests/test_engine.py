@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.engine import Engine, TextStream, cast_for_serving, run_python_tool, sample_next_tokens
+from nanochat.engine import Engine, PackedLinear, TextStream, prepare_for_serving, run_python_tool, sample_next_tokens
 
 
 def chat_prompt(tokenizer, text: str) -> list[int]:
@@ -22,27 +22,50 @@ def chat_prompt(tokenizer, text: str) -> list[int]:
 # Decoding with the KV cache
 
 
-def test_greedy_with_kv_cache_equals_full_recompute(tiny_gpt, tiny_tokenizer):
+def test_greedy_with_kv_cache_equals_full_recompute(either_tiny_gpt, tiny_tokenizer):
     prompt = chat_prompt(tiny_tokenizer, "Why is the sky blue?")
-    results, masks = Engine(tiny_gpt, tiny_tokenizer).generate_batch(prompt, max_tokens=30, temperature=0.0)
+    results, masks = Engine(either_tiny_gpt, tiny_tokenizer).generate_batch(prompt, max_tokens=30, temperature=0.0)
 
     expected = list(prompt)
     with torch.no_grad():
         for _ in range(30):  # no cache: the whole sequence through the model at every step
-            logits = tiny_gpt(torch.tensor([expected]))[0, -1]
+            logits = either_tiny_gpt(torch.tensor([expected]))[0, -1]
             expected.append(int(logits.argmax()))
     assert results[0] == expected
     assert masks[0] == [0] * len(prompt) + [1] * 30
 
 
+@pytest.mark.skipif(not PackedLinear.available(torch.device("cpu")), reason="this torch has no oneDNN")
+def test_served_on_cpu_every_linear_is_packed_and_computes_what_it_did(tiny_gpt, served_tiny_gpt):
+    assert not any(isinstance(m, torch.nn.Linear) for m in served_tiny_gpt.modules())
+    assert sum(isinstance(m, PackedLinear) for m in served_tiny_gpt.modules()) == 6 * 2 + 1  # 6 per block + head
+    tokens = torch.randint(0, tiny_gpt.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, served = tiny_gpt(tokens), served_tiny_gpt(tokens)
+    assert served.shape == expected.shape
+    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)  # fp32 rounding, summed in another order
+
+
+@pytest.mark.skipif(not PackedLinear.available(torch.device("cpu")), reason="this torch has no oneDNN")
+def test_packed_linear_takes_any_leading_shape_and_refuses_a_bias():
+    linear = torch.nn.Linear(48, 80, bias=False)
+    packed = PackedLinear(linear)
+    for shape in [(1, 48), (16, 48), (2, 5, 48), (4, 1, 48)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bias-free"):
+        PackedLinear(torch.nn.Linear(4, 4))
+
+
 def test_served_in_bf16_the_engine_decodes_what_the_fp32_model_would(tiny_gpt, tiny_tokenizer, monkeypatch):
-    """cast_for_serving under NANOCHAT_DTYPE=bfloat16: weights and KV cache in bf16, and every greedy token is
+    """prepare_for_serving under NANOCHAT_DTYPE=bfloat16: weights and KV cache in bf16, and every greedy token is
     (within bf16 rounding) the fp32 model's best next token for the same context."""
     monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
-    served = cast_for_serving(copy.deepcopy(tiny_gpt))
+    served = prepare_for_serving(copy.deepcopy(tiny_gpt))
     engine = Engine(served, tiny_tokenizer)
     assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
-    assert engine.new_cache(1, 8).k.dtype == torch.bfloat16
+    assert served.new_kv_cache(1, 8).k.dtype == torch.bfloat16
     prompt = chat_prompt(tiny_tokenizer, "Why is the sky blue?")
     tokens = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)[0][0]
     assert len(tokens) == len(prompt) + 20
@@ -52,11 +75,11 @@ def test_served_in_bf16_the_engine_decodes_what_the_fp32_model_would(tiny_gpt, t
     assert (chosen >= logits.max(dim=1).values - 0.05).all(), (logits.max(dim=1).values - chosen)
 
 
-def test_greedy_samples_from_one_prefill_are_identical(tiny_gpt, tiny_tokenizer):
+def test_greedy_samples_from_one_prefill_are_identical(either_tiny_gpt, tiny_tokenizer):
     prompt = chat_prompt(tiny_tokenizer, "hello")
-    results, _ = Engine(tiny_gpt, tiny_tokenizer).generate_batch(prompt, num_samples=3, max_tokens=12,
+    results, _ = Engine(either_tiny_gpt, tiny_tokenizer).generate_batch(prompt, num_samples=3, max_tokens=12,
                                                                   temperature=0.0)
-    alone, _ = Engine(tiny_gpt, tiny_tokenizer).generate_batch(prompt, max_tokens=12, temperature=0.0)
+    alone, _ = Engine(either_tiny_gpt, tiny_tokenizer).generate_batch(prompt, max_tokens=12, temperature=0.0)
     assert results == alone * 3
 
 
