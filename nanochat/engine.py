@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nanochat.common import get_compute_dtype
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, PackedLinear
 from nanochat.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -204,36 +204,6 @@ class TextStream:
 
 # -----------------------------------------------------------------------------
 # The model as served: in the compute dtype, its linear layers packed on CPU
-
-
-class PackedLinear(nn.Module):
-    """A bias-free nn.Linear for inference on CPU, its weight reordered once into oneDNN's blocked layout.
-
-    Two things make it faster than nn.Linear, whose fp32 GEMM is MKL's: MKL repacks the weight on every call (most of
-    the work when a decode step multiplies a handful of rows by it), and on AMD CPUs MKL runs an AVX2 code path
-    where oneDNN uses AVX-512 (2 Zen 5 cores: 190 vs 450 GFLOP/s at 2048 x 1024 x 1024). The depth-4 bench model's
-    25 matmuls of one decode step, cycled through as the engine does, fp32: 1.45 -> 0.53 ms at batch 1, 3.10 ->
-    0.93 ms at batch 16, 6.4 -> 2.1 ms at batch 64; in bf16 0.44 -> 0.40 and 0.68 -> 0.53 ms. The results differ
-    from nn.Linear's by fp32 rounding (the summation order). Inference only: no gradient flows through it, and it
-    never sees later updates to the weight it was made from.
-    """
-
-    BATCH_HINT = 64  # rows oneDNN tunes the layout for: any hint >= 16 measured within 5% at every decode batch size
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear packs bias-free linear layers; the GPT has no biases")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.BATCH_HINT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-    @staticmethod
-    def available(device: torch.device) -> bool:
-        return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-            hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None) -> GPT:

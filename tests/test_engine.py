@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.engine import Engine, PackedLinear, TextStream, prepare_for_serving, run_python_tool, sample_next_tokens
+from nanochat.engine import Engine, TextStream, prepare_for_serving, run_python_tool, sample_next_tokens
+from nanochat.gpt import PackedLinear
 
 
 def chat_prompt(tokenizer, text: str) -> list[int]:
