@@ -212,8 +212,9 @@ def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None) -> GPT:
     on CPU, linear layers packed for oneDNN (PackedLinear). Training keeps fp32 weights (autocast casts them at every
     forward) for the optimizer's sake; a served model has no optimizer, so it is cast, and packed, once. The result
     is for inference only.
-    bf16 halves the memory of weights and cache and the bytes each decode step reads: with NANOCHAT_DTYPE=bfloat16
-    on 2 Zen 5 cores (native bf16), bench/engine.py decoded 1.2x faster at batch 1 than in fp32 (both packed)."""
+    bf16 halves the memory of weights and cache and the bytes each decode step reads; on CPU it is opt-in
+    (NANOCHAT_DTYPE=bfloat16) because packed fp32 decodes about as fast: 2 Zen 5 cores with native bf16,
+    bench/engine.py, bf16 vs fp32: 1.07x at batch 1, 0.97x at batch 16."""
     model = model.to(dtype or get_compute_dtype(model.get_device().type)).eval()
     if PackedLinear.available(model.get_device()):
         for module in list(model.modules()):
