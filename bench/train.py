@@ -30,7 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import autodetect_device_type, get_compute_dtype
+from nanochat.common import autodetect_device_type, get_compute_dtype, keep_freed_memory
 from nanochat.gpt import GPT, model_config_from_depth, peak_flops
 
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device_type or autodetect_device_type())
+    if device.type == "cpu":
+        keep_freed_memory()  # as compute_init does for our training scripts; both models share the process
     if args.clock == "cpu" and device.type != "cpu":
         parser.error("--clock cpu only measures CPU work: use it with --device-type cpu")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -136,6 +138,24 @@ def get_dist_info() -> tuple[bool, int, int, int]:
     return False, 0, 0, 1
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the OS.
+
+    By default a block over 128 KB-32 MB is its own mmap, unmapped on free, and the heap is trimmed past 128 KB free,
+    so each activation of a CPU training step is page-faulted in anew (an 8 MB tensor: ~2000 faults). Blocks up to
+    32 MB (glibc's ceiling for this setting) now come from the heap, which keeps up to 1 GiB free. bench/train.py,
+    2 Zen 5 cores: a step 340-355 -> 304-319 ms. Skipped off glibc, and where the user set MALLOC_* variables
+    (theirs win). Returns whether it applied."""
+    if sys.platform != "linux" or any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "mps", "cpu"):
@@ -150,6 +170,8 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device_type == "cpu":
+        keep_freed_memory()
 
     ddp, rank, local_rank, world_size = get_dist_info()
     if device_type == "cuda":

@@ -9,6 +9,7 @@ Choices, each a small departure from GPT-2 that modern models agree on:
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -100,7 +101,9 @@ class KVCache:
 # (any weight, forward and backward), `PackedLinear` for serving (the weight reordered once). Under autocast (bf16)
 # torch already calls oneDNN, and on GPUs cuBLAS, so both fall back to the plain ops there.
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# x86 only: that is where it was measured; on ARM torch's oneDNN is built on other kernels (Arm Compute Library)
+_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _onednn_ready(*tensors: torch.Tensor) -> bool:

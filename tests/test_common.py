@@ -1,4 +1,5 @@
 import os
+import platform
 
 import pytest
 import torch
@@ -39,6 +40,15 @@ def test_single_process_needs_no_torchrun(monkeypatch):
     assert (info.ddp, info.rank, info.world_size, info.device.type) == (False, 0, 1, "cpu")
     assert info.master
     common.compute_cleanup()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
+def test_freed_memory_is_kept_unless_the_user_tuned_malloc(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    assert common.keep_freed_memory() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert common.keep_freed_memory() is False
 
 
 def test_unknown_device_type_is_rejected():
