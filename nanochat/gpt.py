@@ -1,4 +1,5 @@
-"""The GPT: a decoder-only transformer, told in order: config, KV cache, building blocks, the model.
+"""The GPT: a decoder-only transformer, told in order: config, KV cache, linear layers (oneDNN on CPU), building
+blocks, the loss head, the model.
 
 Choices, each a small departure from GPT-2 that modern models agree on:
 - rotary position embeddings (no learned positions), QK-norm for stable attention logits
