@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from nanochat.common import get_compute_dtype
-from nanochat.gpt import GPT, PackedLinear
+from nanochat.gpt import GPT
+from nanochat.kernels import PackedLinear
 from nanochat.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -209,14 +210,15 @@ class TextStream:
 def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None) -> GPT:
     """The model, changed in place, as chat_cli and chat_web serve it: weights (and so KV caches) in `dtype`, by
     default the compute dtype of its device (bf16 on recent GPUs, fp32 on CPU unless NANOCHAT_DTYPE says otherwise);
-    on CPU, linear layers packed for oneDNN (PackedLinear). Training keeps fp32 weights (autocast casts them at every
+    on CPU, linear layers packed for oneDNN (PackedLinear) where this CPU can pack that dtype. Training keeps fp32 weights (autocast casts them at every
     forward) for the optimizer's sake; a served model has no optimizer, so it is cast, and packed, once. The result
     is for inference only.
     bf16 halves the memory of weights and cache and the bytes each decode step reads; on CPU it is opt-in
     (NANOCHAT_DTYPE=bfloat16) because packed fp32 decodes about as fast: 2 Zen 5 cores with native bf16,
     bench/engine.py, bf16 vs fp32: 1.07x at batch 1, 0.97x at batch 16."""
-    model = model.to(dtype or get_compute_dtype(model.get_device().type)).eval()
-    if PackedLinear.available(model.get_device()):
+    dtype = dtype or get_compute_dtype(model.get_device().type)
+    model = model.to(dtype).eval()
+    if PackedLinear.available(model.get_device(), dtype):  # probed: bf16 packing needs AVX-512 or AVX-NE-CONVERT
         for module in list(model.modules()):
             for name, child in module.named_children():
                 if isinstance(child, nn.Linear):

@@ -1,5 +1,5 @@
-"""The GPT: a decoder-only transformer, told in order: config, KV cache, linear layers (oneDNN on CPU), building
-blocks, the loss head, the model.
+"""The GPT: a decoder-only transformer, told in order: config, KV cache, building blocks, the loss head, the model.
+Its linear layers and the CPU fast paths they take live in nanochat/kernels.py.
 
 Choices, each a small departure from GPT-2 that modern models agree on:
 - rotary position embeddings (no learned positions), QK-norm for stable attention logits
@@ -10,7 +10,6 @@ Choices, each a small departure from GPT-2 that modern models agree on:
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanochat.common import get_dist_info
+from nanochat.kernels import Linear, matmul, onednn_ready, tanh_
 from nanochat.optim import DistAdamW, DistMuon, Muon
 
 
@@ -91,93 +91,6 @@ class KVCache:
         self.k[:, dst_row, :, :length] = src.k[:, src_row, :, :length]
         self.v[:, dst_row, :, :length] = src.v[:, src_row, :, :length]
         self.pos[dst_row] = length
-
-
-# -----------------------------------------------------------------------------
-# Matmuls on CPU: oneDNN, not MKL
-#
-# torch's fp32 matmul on CPU is MKL's, which runs an AVX2 code path on AMD CPUs and repacks its right-hand operand on
-# every call; oneDNN (also inside torch) uses AVX-512. 2 Zen 5 cores, 2048 x 1024 x 1024: 190 GFLOP/s with MKL, 450
-# with oneDNN. So on CPU in fp32 the model's matmuls go through oneDNN's linear primitive: `Linear` for training
-# (any weight, forward and backward), `PackedLinear` for serving (the weight reordered once). Under autocast (bf16)
-# torch already calls oneDNN, and on GPUs cuBLAS, so both fall back to the plain ops there.
-
-# x86 only: that is where it was measured; on ARM torch's oneDNN is built on other kernels (Arm Compute Library)
-_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _onednn_ready(*tensors: torch.Tensor) -> bool:
-    """Whether these tensors' matmul should go through oneDNN: fp32 CPU tensors, outside autocast, in eager mode
-    (inductor lowers oneDNN's linear only for constant weights, and picks its own matmuls anyway)."""
-    return (_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D a and b; through oneDNN for fp32 CPU tensors (oneDNN's linear computes a @ weight.T, and takes
-    a strided weight: b.t() is a view, not a copy)."""
-    if _onednn_ready(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return a @ b
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ weight.T with both gradients, each of the three matmuls through oneDNN."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        grad_y2 = grad_y.reshape(-1, weight.size(0))
-        grad_x = matmul(grad_y2, weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:  # a sum over tokens: one operand goes in transposed, and oneDNN copies that one
-            x2 = x.reshape(-1, weight.size(1))  # so transpose the narrower: (M, 256) rather than (M, 1024)
-            narrow_x = x2.size(1) <= grad_y2.size(1)
-            grad_weight = matmul(x2.t(), grad_y2).t() if narrow_x else matmul(grad_y2.t(), x2)
-        return grad_x, grad_weight
-
-
-class Linear(nn.Linear):
-    """A bias-free nn.Linear (same parameter, same checkpoints) whose fp32 CPU matmuls go through oneDNN."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _onednn_ready(x, self.weight):
-            return _OneDNNLinear.apply(x, self.weight)
-        return F.linear(x, self.weight)
-
-
-class PackedLinear(nn.Module):
-    """A bias-free linear layer for inference on CPU, its weight reordered once into oneDNN's blocked layout, where
-    `Linear` hands oneDNN a plain weight to reorder at every call. A decode step multiplies a handful of rows by
-    each weight, so that reorder is a large part of its work: the Engine on the depth-4 bench model, fp32, 2 Zen 5
-    cores, decoded 677 -> 887 tokens/s at batch 1 and 5,162 -> 6,364 at batch 16 with packed weights.
-    Inference only: no gradient flows through it, and it never sees later updates to the weight it was made from.
-    """
-
-    BATCH_HINT = 64  # rows oneDNN tunes the layout for: any hint >= 16 measured within 5% at every decode batch size
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear packs bias-free linear layers; the GPT has no biases")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.BATCH_HINT)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-    @staticmethod
-    def available(device: torch.device) -> bool:
-        return device.type == "cpu" and _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 # -----------------------------------------------------------------------------
@@ -280,14 +193,6 @@ class Block(nn.Module):
 # Uncapped, base_train ran at 52.5-52.9% MFU with it (forward+backward alone: 1% slower than the plain expression).
 
 
-def tanh_(x: torch.Tensor) -> torch.Tensor:
-    """tanh in place. On CPU computed as 2 sigmoid(2x) - 1, the same function to 2e-7: torch's CPU tanh is 7-10x slower
-    than its sigmoid (2 Zen 5 cores, fp32: 155 vs 21 us at 16 x 8192, 2.3 vs 0.24 ms at 256 x 8192)."""
-    if x.device.type == "cpu":
-        return x.mul_(2).sigmoid_().mul_(2).sub_(1)
-    return x.tanh_()
-
-
 class _SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, reduction: str,
@@ -300,7 +205,7 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if needs_grad else None
         # on the oneDNN path the head's gradient is summed transposed, (n_embd, vocab): oneDNN copies a transposed left
         # operand, and grad_logits.T (vocab, chunk) is a far bigger copy than xc.T (n_embd, chunk)
-        onednn = _onednn_ready(x, weight)
+        onednn = onednn_ready(x, weight)
         grad_weight = None
         if needs_grad:
             grad_weight = weight.new_zeros(weight.T.shape) if onednn else torch.zeros_like(weight)

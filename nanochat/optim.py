@@ -12,30 +12,14 @@ layers; embeddings and the LM head want AdamW.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nanochat.kernels import newtonschulz_dtype
+
 # -----------------------------------------------------------------------------
 # Newton-Schulz orthogonalization
-
-
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def newtonschulz_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware multiplies it natively: CUDA, and CPUs with AVX512-BF16 or AMX (there bf16 matmuls
-    run ~5x the fp32 rate: 900 vs 180 GFLOP/s on 2 Zen 5 cores, 16 x 256 x 1024). fp32 elsewhere, where bf16 is
-    emulated and slower than fp32."""
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16()):
-        return torch.bfloat16
-    return torch.float32
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:

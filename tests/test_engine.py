@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, TextStream, prepare_for_serving, run_python_tool, sample_next_tokens
-from nanochat.gpt import PackedLinear
+from nanochat.kernels import PackedLinear
 
 
 def chat_prompt(tokenizer, text: str) -> list[int]:
@@ -290,3 +290,17 @@ def test_chat_cli_streams_tool_calls_and_their_output(scripted_gpt, tiny_tokeniz
     assert parts == [{"type": "python", "text": "6*7"}, {"type": "python_output", "text": "42"},
                      {"type": "text", "text": "It is 42."}]
     assert out.getvalue() == "\n[python] 6*7\n -> 42\nIt is 42.\n"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_packing_probe_says_what_this_cpu_does(dtype):
+    """PackedLinear.available is an honest probe: where it says yes the layer packs and computes; where it says no,
+    packing really fails here (bf16 on AVX2-only CPUs) and prepare_for_serving keeps the plain layers."""
+    linear = torch.nn.Linear(48, 80, bias=False).to(dtype)
+    if PackedLinear.available(torch.device("cpu"), dtype):
+        x = torch.randn(5, 48).to(dtype)
+        with torch.inference_mode():
+            torch.testing.assert_close(PackedLinear(linear)(x).float(), linear(x).float(), rtol=5e-2, atol=5e-2)
+    elif torch.backends.mkldnn.is_available():
+        with pytest.raises(RuntimeError):
+            PackedLinear(linear)

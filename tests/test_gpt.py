@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, Linear, matmul, model_config_from_depth, softcapped_cross_entropy, tanh_
+from nanochat import kernels
+from nanochat.gpt import GPT, GPTConfig, model_config_from_depth, softcapped_cross_entropy
+from nanochat.kernels import Linear, matmul, tanh_
 from nanochat.optim import Muon
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +91,7 @@ def test_decoding_past_the_cache_raises_a_clear_error():
 
 @pytest.mark.parametrize("chunk_rows", [100, 256, 4096])  # several chunks with a ragged last one; one chunk
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_loss_head_matches_the_plain_expression(reduction, chunk_rows):
+def test_fused_loss_head_matches_the_plain_expression(reduction, chunk_rows, matmul_path):
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(600, 32, generator=gen, requires_grad=True)  # > one chunk of rows
     weight = (0.5 * torch.randn(301, 32, generator=gen)).requires_grad_()
@@ -103,8 +105,16 @@ def test_fused_loss_head_matches_the_plain_expression(reduction, chunk_rows):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture(params=["plain", "onednn"])
+def matmul_path(request, monkeypatch):
+    """Runs a test on both fp32 CPU matmul paths, whichever one this CPU's timing picked (oneDNN where torch has it)."""
+    if request.param == "onednn" and not kernels._has_onednn_ops():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(kernels, "onednn_training_matmuls", lambda: request.param == "onednn")
+    return request.param
+
 @pytest.mark.parametrize("in_features,out_features", [(24, 80), (80, 24)])  # both orientations of the weight grad
-def test_linear_matches_f_linear_with_both_gradients(in_features, out_features):
+def test_linear_matches_f_linear_with_both_gradients(in_features, out_features, matmul_path):
     gen = torch.Generator().manual_seed(5)
     linear = Linear(in_features, out_features)
     x = torch.randn(3, 7, in_features, generator=gen, requires_grad=True)
@@ -118,7 +128,7 @@ def test_linear_matches_f_linear_with_both_gradients(in_features, out_features):
         torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
 
 
-def test_matmul_takes_transposed_operands_and_tanh_matches_torch():
+def test_matmul_takes_transposed_operands_and_tanh_matches_torch(matmul_path):
     gen = torch.Generator().manual_seed(6)
     a, b = torch.randn(40, 16, generator=gen), torch.randn(40, 24, generator=gen)
     torch.testing.assert_close(matmul(a.T, b), a.T @ b)
