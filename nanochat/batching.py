@@ -35,7 +35,6 @@ from nanochat.engine import (
     SampleState,
     TextStream,
     draw_uniforms,
-    run_python_tool,
     sample_generators,
     sample_next_tokens,
     sampling_tensors,
@@ -503,7 +502,7 @@ class Scheduler:
                 event.text += sample.pending + sample.text.flush()
                 event.finish_reason = "length"  # the context window is full
             if event.finish_reason is None and code is not None:
-                sample.tool_call = self._tools.submit(run_python_tool, self.engine.tokenizer.decode(code))
+                sample.tool_call = self._tools.submit(self.engine.run_tool, code)
                 sample.tool_call.add_done_callback(lambda _: self._wake())
             if token not in special.stops:
                 sample.request.completion_tokens += 1

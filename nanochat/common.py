@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -13,6 +14,29 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------
+# What machine this is, for every benchmark figure
+
+_ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx_ne_convert", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def describe_cpu() -> str:
+    """The CPU's model name, core count and the instruction-set flags our fast paths care about (Linux's
+    /proc/cpuinfo; elsewhere what platform knows), e.g. "AMD EPYC, 2 cores, x86_64: avx2"."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "cpu model") and model in ("unknown CPU", platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "features"):
+                flags = set(value.split())
+    present = [flag for flag in _ISA_FLAGS if flag in flags]
+    return f"{model}, {os.cpu_count()} cores, {platform.machine()}: {' '.join(present) or 'no vector flags listed'}"
+
 
 # -----------------------------------------------------------------------------
 # Where things live

@@ -107,17 +107,22 @@ def draw_uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
 MAX_TOOL_OUTPUT_CHARS = 1000  # a chatty program must not fill the context window
 
 
-def run_python_tool(code: str, timeout: float = 5.0) -> str:
+def run_python_tool(code: str, timeout: float = 5.0, require_confinement: bool = True) -> str:
     """Run a tool call in the sandbox and return the text to force between <|output_start|> and <|output_end|>.
-    A bare expression (the calculator calls "12/5" the chat data teaches) prints its value, like a REPL."""
-    from nanochat.execution import execute_code  # the sandbox is only needed once a model calls the tool
+    A bare expression (the calculator calls "12/5" the chat data teaches) prints its value, like a REPL.
+    require_confinement: refuse (the output says why) where the kernel's sandbox is unavailable; evaluation and
+    RL pass False and run on the weaker layers with a warning (nanochat/execution.py)."""
+    from nanochat.execution import SandboxUnavailable, execute_code  # needed only once a model calls the tool
 
     try:
         ast.parse(code, mode="eval")
         program = f"print(eval({code!r}))"
     except SyntaxError:
         program = code
-    result = execute_code(program, timeout=timeout)
+    try:
+        result = execute_code(program, timeout=timeout, require_confinement=require_confinement)
+    except SandboxUnavailable as refusal:
+        return f"Error: the python tool is disabled here: {refusal}"
     if result.success:
         output = result.stdout.rstrip("\n")
     else:
@@ -231,10 +236,17 @@ def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None) -> GPT:
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, require_confinement: bool = True):
+        """require_confinement: run the model's python tool calls only in the kernel's sandbox (serving); False
+        lets evaluation and RL fall back to the weaker layers where it is missing."""
         self.model = model
         self.tokenizer = tokenizer
         self.special = SpecialIds(tokenizer)
+        self.require_confinement = require_confinement
+
+    def run_tool(self, code_tokens: list[int]) -> str:
+        """The output of one python tool call, as text to force into the sample."""
+        return run_python_tool(self.tokenizer.decode(code_tokens), require_confinement=self.require_confinement)
 
     def max_context(self) -> int:
         """The most positions a KV cache can hold: the rotary table the model was built with."""
@@ -285,7 +297,7 @@ class Engine:
                     continue
                 token, mask, code = state.next_token(sampled[row])
                 if code is not None:  # runs inline: offline generation has nothing else to do meanwhile
-                    state.force_output(self.tokenizer.encode(run_python_tool(self.tokenizer.decode(code))))
+                    state.force_output(self.tokenizer.encode(self.run_tool(code)))
                 column.append(token)
                 masks.append(mask)
             last_tokens = column

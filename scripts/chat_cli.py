@@ -17,6 +17,7 @@ import torch
 
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, TextStream, prepare_for_serving
+from nanochat.execution import add_unsafe_tool_flag, served_tool_requires_confinement
 
 # ANSI colours for tool calls and their output; plain text when stdout is not a terminal
 PART_COLOURS = {"python": "\033[33m", "python_output": "\033[36m"}
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     parser.add_argument("--seed", type=int, default=None, help="make the sampling reproducible")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    add_unsafe_tool_flag(parser)
     args = parser.parse_args(argv)
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     device_type = args.device_type or autodetect_device_type()
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device(device_type)
     model, tokenizer, _meta = load_model(args.source, device, phase="eval", tag=args.tag, step=args.step)
-    engine = Engine(prepare_for_serving(model), tokenizer)
+    engine = Engine(prepare_for_serving(model), tokenizer,
+                    require_confinement=served_tool_requires_confinement(args.unsafe_python_tool))
 
     if args.prompt is not None:
         if not args.prompt.strip():

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         loop_state = {"reward": None, "pass_at_k": None, "training_time": 0.0}
         source = {"stage": args.source, "tag": tag, "step": meta["step"]}
         print0(f"RL on {args.source} model {tag} step {meta['step']}")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, require_confinement=False)  # weaker layers, warned, where no sandbox
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
     if args.examples_per_step % world_size != 0:

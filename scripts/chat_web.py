@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from nanochat.batching import Event, QueueFull, SamplingParams, Scheduler
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, prepare_for_serving
+from nanochat.execution import add_unsafe_tool_flag, served_tool_requires_confinement
 from nanochat.tokenizer import Tokenizer
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
@@ -427,6 +428,7 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=32, help="chats decoded together, per replica")
     parser.add_argument("--max-queue", type=int, default=128, help="requests waiting per replica before 429")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    add_unsafe_tool_flag(parser)
     args = parser.parse_args()
     if not 0 <= args.temperature <= 2:
         parser.error(f"--temperature must be in [0, 2], got {args.temperature}")
@@ -441,9 +443,10 @@ def main() -> None:
     devices = ([torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device_type == "cuda"
                else [torch.device(device_type)])
     schedulers, tokenizer, meta = [], None, {}
+    require_confinement = served_tool_requires_confinement(args.unsafe_python_tool)
     for device in devices:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", tag=args.tag, step=args.step)
-        engine = Engine(prepare_for_serving(model), tokenizer)
+        engine = Engine(prepare_for_serving(model), tokenizer, require_confinement=require_confinement)
         schedulers.append(Scheduler(engine, max_batch_size=args.max_concurrent, max_queue=args.max_queue))
     model_name = f"nanochat-{args.source}-{args.tag or 'latest'}-step{meta.get('step', args.step)}"
     defaults = Defaults(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)

@@ -8,10 +8,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PY=.venv/bin/python
 
-# The chat page is tested in a real headless browser: Debian's Chromium and its driver.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# The chat page is tested in a real headless browser (Debian's Chromium and its driver); the python tool's
+# sandbox runs under bubblewrap, and its tests attack it for real.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # pip skips the install when the project and its dependencies are already up to date;

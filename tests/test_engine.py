@@ -304,3 +304,17 @@ def test_the_packing_probe_says_what_this_cpu_does(dtype):
     elif torch.backends.mkldnn.is_available():
         with pytest.raises(RuntimeError):
             PackedLinear(linear)
+
+
+def test_without_a_kernel_sandbox_served_tool_calls_are_refused_unless_the_operator_opts_out(monkeypatch, capsys):
+    from nanochat import execution
+
+    missing = execution.Confinement(False, "bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+    monkeypatch.setattr(execution, "confinement", lambda: missing)
+    refused = run_python_tool("2**10")
+    assert refused.startswith("Error: the python tool is disabled here") and "apt-get install bubblewrap" in refused
+    assert run_python_tool("2**10", require_confinement=False) == "1024"  # evaluation's weaker layers
+    assert execution.served_tool_requires_confinement(allow_unconfined=False) is True
+    assert "DISABLED" in capsys.readouterr().err
+    assert execution.served_tool_requires_confinement(allow_unconfined=True) is False
+    assert "WITHOUT the kernel sandbox" in capsys.readouterr().err
