@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
 # -----------------------------------------------------------------------------
 # What machine this is, for every benchmark figure
 
