@@ -4,7 +4,7 @@
     python -m bench.serve --concurrency 32 --max-tokens 128 --mode scheduler
     python -m bench.serve --source sft                  # a trained checkpoint instead of random weights
 
---mode http (default) runs the real server (scripts/chat_web.py's app under uvicorn on 127.0.0.1) and streams
+--mode http (default) runs the real server (nanochat/server.py's app under uvicorn on 127.0.0.1) and streams
 /v1/chat/completions with httpx, so the numbers include HTTP, JSON and SSE; --mode scheduler talks to the
 continuous-batching Scheduler in-process. Sequential: each chat waits for the previous one. Concurrent: all chats
 are sent at once and share forward passes. throughput = completion tokens / wall time; TTFT = request sent to the
@@ -130,7 +130,7 @@ def start_server_process(args) -> tuple[str, multiprocessing.Process]:
 def serve(args, sock: socket.socket) -> None:
     import uvicorn
 
-    from scripts.chat_web import create_app
+    from nanochat.server import create_app
 
     engine = setup(args)
     scheduler = Scheduler(engine, max_batch_size=args.concurrency, max_queue=4 * args.concurrency)

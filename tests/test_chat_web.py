@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from nanochat.batching import Scheduler
 from nanochat.engine import Engine
-from scripts.chat_web import MAX_BODY_BYTES, MAX_MESSAGES, create_app
+from nanochat.server import MAX_BODY_BYTES, MAX_MESSAGES, create_app
 
 HELLO = [{"role": "user", "content": "Hello! How are you?"}]
 

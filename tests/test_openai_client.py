@@ -7,7 +7,7 @@ import pytest
 
 from nanochat.batching import Scheduler
 from nanochat.engine import Engine
-from scripts.chat_web import create_app
+from nanochat.server import create_app
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Say something nice."}]

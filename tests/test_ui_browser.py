@@ -10,7 +10,7 @@ import pytest
 
 from nanochat.batching import Scheduler
 from nanochat.engine import Engine
-from scripts.chat_web import Defaults, create_app
+from nanochat.server import Defaults, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
