@@ -28,8 +28,6 @@ import random
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import get_base_dir, mirror_path
+from nanochat.download import DownloadError, download_file
 from nanochat.gpt import GPTConfig
 from tasks.common import MalformedDataError, read_jsonl
 
@@ -78,27 +77,15 @@ def get_eval_bundle(url: str | None = None) -> Path:
     return download_eval_bundle(url or os.environ.get(BUNDLE_URL_ENV) or DEFAULT_BUNDLE_URL, destination)
 
 
-def _is_permanent(error: Exception) -> bool:
-    """A client error other than timeout/rate limit will not go away by retrying."""
-    return isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 and error.code not in (408, 429)
-
-
-def _fetch_zip(url: str, path: Path, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as response, path.open("wb") as f:
-        total = int(response.headers.get("Content-Length") or 0)
-        done, next_report, started = 0, 0.0, time.time()
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            done += len(chunk)
-            if total and done / total >= next_report:
-                rate = done / max(time.time() - started, 1e-6)
-                print(f"eval bundle: {done / 2**20:.1f}/{total / 2**20:.1f} MiB, ETA {(total - done) / rate:.0f}s",
-                      flush=True)
-                next_report += 0.1
-    with zipfile.ZipFile(path) as archive:  # raises BadZipFile for a truncated or non-zip body
-        corrupt = archive.testzip()
-        if corrupt is not None:
-            raise zipfile.BadZipFile(f"member {corrupt} fails its CRC check")
+def _check_zip(path: Path) -> None:
+    """Raise ValueError unless `path` is a whole zip: a truncated body or an HTML error page fails here."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"the download is not a zip file ({e})") from e
+    if corrupt is not None:
+        raise ValueError(f"member {corrupt} of the zip fails its CRC check")
 
 
 def _extract_safely(archive: zipfile.ZipFile, target: Path) -> None:
@@ -110,29 +97,23 @@ def _extract_safely(archive: zipfile.ZipFile, target: Path) -> None:
 
 def download_eval_bundle(url: str, destination: Path, retries: int = 5, backoff_seconds: float = 2.0,
                          timeout: float = 60.0) -> Path:
-    """Download the bundle zip from `url` and unpack it as `destination`, atomically: the zip is written to a
-    temporary name and checked, unpacked into a temporary directory, and that is renamed into place."""
+    """Download the bundle zip from `url` (up to `retries` attempts in all) and unpack it as `destination`,
+    atomically: the zip arrives whole and checked (nanochat/download.py), is unpacked into a temporary directory,
+    and that is renamed into place."""
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    zip_path = destination.parent / f".eval_bundle.{os.getpid()}.zip.tmp"
+    zip_path = destination.parent / f".eval_bundle.{os.getpid()}.zip"
     try:
-        for attempt in range(1, retries + 1):
-            try:
-                print(f"downloading the CORE eval bundle from {url} (attempt {attempt}/{retries})", flush=True)
-                _fetch_zip(url, zip_path, timeout)
-                break
-            except (OSError, zipfile.BadZipFile) as e:  # URLError/HTTPError/timeouts are OSErrors
-                zip_path.unlink(missing_ok=True)
-                if attempt == retries or _is_permanent(e):
-                    raise RuntimeError(
-                        f"could not download the CORE eval bundle from {url} ({type(e).__name__}: {e}). Fix: check "
-                        f"the network or point --bundle-url / ${BUNDLE_URL_ENV} at a reachable copy of "
-                        f"eval_bundle.zip, or unzip it yourself into {destination} (or into $NANOCHAT_DATA_DIR/"
-                        "eval_bundle)."
-                    ) from e
-                wait = backoff_seconds * 2 ** (attempt - 1)
-                print(f"download failed ({type(e).__name__}: {e}); retrying in {wait:.1f}s", flush=True)
-                time.sleep(wait)
+        print(f"downloading the CORE eval bundle from {url}", flush=True)
+        try:
+            # `retries` here has always counted every attempt; download_file counts those after the first
+            download_file(url, zip_path, retries=max(retries - 1, 0), backoff_seconds=backoff_seconds,
+                          timeout=timeout, validate=_check_zip, progress=True)
+        except DownloadError as e:
+            raise RuntimeError(
+                f"could not download the CORE eval bundle ({e}). Fix: point --bundle-url / ${BUNDLE_URL_ENV} at a "
+                f"reachable copy of eval_bundle.zip, or unzip it yourself into {destination} (or into "
+                "$NANOCHAT_DATA_DIR/eval_bundle)."
+            ) from e
         unpack_dir = Path(tempfile.mkdtemp(prefix=".eval_bundle.", dir=destination.parent))
         try:
             with zipfile.ZipFile(zip_path) as archive:

@@ -14,14 +14,8 @@ re-running skips valid shards and replaces corrupt ones. Shards the mirror holds
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
-import shutil
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -30,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, get_data_dir, mirror_path
+from nanochat.download import DownloadError, download_file
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822  # the last shard of the dataset; always the validation split
@@ -138,19 +133,6 @@ def is_valid_shard(path: Path) -> bool:
     return True
 
 
-def _fetch_to(url: str, tmp: Path, timeout: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-        expected = response.headers.get("Content-Length")
-        received = 0
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            received += len(chunk)
-        if expected is not None and received != int(expected):
-            raise ShardDownloadError(f"connection closed after {received} of {expected} bytes")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def download_shard(index: int, dest_dir: Path, base_url: str = BASE_URL, retries: int = 5, backoff: float = 2.0,
                    timeout: float = 60.0) -> Path:
     """Make dest_dir/shard_XXXXX.parquet a valid shard: keep it if it already is one, else copy it from the mirror
@@ -164,32 +146,16 @@ def download_shard(index: int, dest_dir: Path, base_url: str = BASE_URL, retries
         path.unlink()  # corrupt leftover (e.g. from a tool that does not write atomically): fetch it again
 
     mirror = mirror_path("fineweb", name)
-    source = str(mirror) if mirror is not None else f"{base_url.rstrip('/')}/{name}"
-    errors: list[str] = []
-    for attempt in range(retries + 1):
-        fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            if mirror is not None:
-                shutil.copyfile(mirror, tmp)
-            else:
-                _fetch_to(source, tmp, timeout)
-            validate_shard(tmp)
-            os.replace(tmp, path)
-            return path
-        except urllib.error.HTTPError as e:
-            errors.append(f"HTTP {e.code}")
-            if e.code in (401, 403, 404):  # permanent: retrying will not help
-                raise ShardDownloadError(f"{source}: HTTP {e.code} {e.reason}: check the shard index (0..{MAX_SHARD}) "
-                                         "and --base-url / NANOCHAT_SHARD_URL") from e
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ShardDownloadError, ValueError) as e:
-            errors.append(f"{type(e).__name__}: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)
-        if attempt < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise ShardDownloadError(f"{source}: failed after {retries + 1} attempts ({'; '.join(errors[-3:])})")
+    # a mirror's copy goes through the same length and parquet checks as a download, as a file:// URL
+    source = mirror.resolve().as_uri() if mirror is not None else f"{base_url.rstrip('/')}/{name}"
+    try:
+        return download_file(source, path, retries=retries, backoff_seconds=backoff, timeout=timeout,
+                             validate=validate_shard)
+    except DownloadError as e:
+        if e.status is not None:
+            raise ShardDownloadError(f"{source}: HTTP {e.status}, which retrying will not fix: check the shard index "
+                                     f"(0..{MAX_SHARD}) and --base-url / NANOCHAT_SHARD_URL") from e
+        raise ShardDownloadError(str(e)) from e
 
 
 def download_shards(indices: list[int], dest_dir: Path, base_url: str = BASE_URL, workers: int = 8,
@@ -229,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-n must be between 1 and {MAX_SHARD} train shards, or -1 for all")
     if args.workers < 1:
         parser.error("-w must be at least 1")
+    if args.retries < 0:
+        parser.error("--retries must be at least 0")
 
     dest = args.dest or get_base_dir() / "base_data"
     num_train = MAX_SHARD if args.num_shards == -1 else args.num_shards
