@@ -23,11 +23,10 @@ class MalformedDataError(ValueError):
     """A data file on disk is not what its schema promises; the message names the file and line."""
 
 
-# What building a task raises when its data cannot be had: missing files (FileNotFoundError), no network
-# (ConnectionError and the HTTP errors of requests/huggingface_hub, all OSError), a bad or partial file
-# (ValueError, MalformedDataError), a missing optional package (ImportError), or DatasetUnavailableError with the
-# fix in its message. Callers catch exactly these to leave a task out loudly; anything else is a bug.
-TASK_LOAD_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
+# What building a task raises when its data cannot be had, and so what callers catch to leave a task out loudly.
+# Only that: a bad task argument (ValueError), a malformed mirror file (MalformedDataError) or any other bug
+# propagates, so that it is fixed rather than silently shrinking a mixture or an evaluation.
+TASK_LOAD_ERRORS = (DatasetUnavailableError,)
 
 
 # -----------------------------------------------------------------------------
@@ -65,17 +64,21 @@ def load_rows(mirror_parts: Sequence[str], hub_path: str, hub_config: str | None
     mirror_file = data_dir.joinpath(*mirror_parts) if data_dir is not None else None
     if mirror_file is not None and mirror_file.exists():
         return read_jsonl(mirror_file, required_keys)
-    try:
-        from datasets import load_dataset
+    from datasets import load_dataset
 
+    # Every way the hub has of not providing a dataset is an OSError: unreachable or offline (ConnectionError), no
+    # such dataset or a gated one (DatasetNotFoundError, a FileNotFoundError), an HTTP error (HfHubHTTPError). Anything
+    # else (a ValueError for a config name that does not exist, say) is a bug here, and propagates.
+    try:
         return load_dataset(hub_path, hub_config, split=split)
-    except Exception as e:  # the hub raises many kinds (ConnectionError, FileNotFoundError, ValueError, ...)
+    except OSError as e:
         name = hub_path if hub_config is None else f"{hub_path} ({hub_config})"
         looked = mirror_file if mirror_file is not None else "$NANOCHAT_DATA_DIR (not set)"
         relative = "/".join(mirror_parts)
+        reason = next(iter(str(e).splitlines()), "")  # the first line; some errors have no message
         raise DatasetUnavailableError(
             f"dataset {name}, split {split!r}, is not available: not in the local mirror (looked for {looked}) "
-            f"and the download from the Hugging Face hub failed ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"and the download from the Hugging Face hub failed ({type(e).__name__}: {reason}). "
             f"Fix: connect to the hub (or set HF_ENDPOINT to a reachable mirror), or put the upstream records as "
             f"jsonl at $NANOCHAT_DATA_DIR/{relative} and set NANOCHAT_DATA_DIR."
         ) from e

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs everything the project needs (idempotently) and runs the Rust and Python suites.
+# The test command: installs what the project needs (idempotently), runs the linters, then the Rust and Python suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,24 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml rustbpe/src rustbpe/Cargo.to
     "$PY" -m pip install --quiet -e ".[dev]"
     touch "$stamp"
 fi
+
+# cargo's linter and formatter are rustup components that a minimal toolchain may lack.
+components=()
+cargo clippy --version >/dev/null 2>&1 || components+=(clippy)
+cargo fmt --version >/dev/null 2>&1 || components+=(rustfmt)
+if [ ${#components[@]} -gt 0 ]; then
+    if command -v rustup >/dev/null; then
+        rustup component add "${components[@]}"
+    else
+        echo "tests/run.sh: cargo lacks ${components[*]} and there is no rustup to add them; install them with your" \
+             "Rust toolchain (e.g. your distribution's rust-clippy and rustfmt packages)" >&2
+        exit 1
+    fi
+fi
+
+# The linters come first: a lint failure fails the run before the suites start.
+"$PY" -m ruff check nanochat scripts tasks report bench tests
+(cd rustbpe && cargo fmt --check && cargo clippy --quiet --all-targets -- -D warnings)
 
 (cd rustbpe && cargo test --quiet)
 "$PY" -m pytest -q "$@"

@@ -3,6 +3,8 @@ splits a conversation silently, and every batch source resumes exactly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,8 @@ from nanochat.chat_data import (
     supervised_step,
 )
 from nanochat.gpt import GPT, GPTConfig
-from tasks.common import DatasetUnavailableError, TaskMixture
+from tasks.arc import ARC
+from tasks.common import DatasetUnavailableError, MalformedDataError, TaskMixture
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
 
@@ -220,6 +223,23 @@ def test_a_task_that_cannot_be_loaded_is_left_out_with_a_warning_naming_it(capsy
     require_tasks(loaded, missing, "test mixture")
     with pytest.raises(RuntimeError, match="none of its datasets could be loaded.*MMLU"):
         require_tasks({}, missing, "test mixture")
+
+
+def test_a_bug_while_building_a_task_is_raised_not_left_out():
+    def buggy():
+        raise ValueError("a bug, not a missing dataset")
+
+    with pytest.raises(ValueError, match="a bug, not a missing dataset"):
+        load_tasks({"GSM8K": lambda: GSM8K(split="train"), "Buggy": buggy}, "test mixture")
+
+
+def test_a_malformed_mirror_file_is_raised_not_left_out(tmp_path, monkeypatch):
+    path = tmp_path / "arc" / "ARC-Easy" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"question": "q", "answerKey": "A"}) + "\n")
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
+    with pytest.raises(MalformedDataError, match=rf"{path}:1: missing key"):
+        load_tasks({"ARC-Easy": lambda: ARC("ARC-Easy", "train")}, "test mixture")
 
 
 # -----------------------------------------------------------------------------

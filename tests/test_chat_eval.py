@@ -130,3 +130,13 @@ def test_chat_eval_runs_end_to_end_and_reports_missing_tasks_with_their_reason(t
     assert values["ChatCORE tasks evaluated"] == "4/5"
     assert math.isfinite(values["ChatCORE metric"])
     assert values["step"] == 3
+
+
+def test_chat_eval_raises_a_bug_in_a_task_instead_of_reporting_it_missing(tiny_tokenizer, base_dir, monkeypatch):
+    def buggy():
+        raise ValueError("a bug, not a missing dataset")
+
+    monkeypatch.setitem(chat_eval.TASKS, "GSM8K", buggy)
+    write_checkpoint(base_dir, "chatsft_checkpoints", tiny_tokenizer)
+    with pytest.raises(ValueError, match="a bug, not a missing dataset"):
+        chat_eval.main(["-i", "sft", "-a", "GSM8K", "--device-type", "cpu"])

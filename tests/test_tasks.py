@@ -131,6 +131,17 @@ def test_a_dataset_absent_from_mirror_and_hub_raises_a_clear_error(hub_offline):
     assert "NANOCHAT_DATA_DIR" in message and "HF_ENDPOINT" in message  # how to provide it
 
 
+def test_a_hub_error_that_is_not_about_availability_propagates_unchanged(monkeypatch):
+    import datasets
+
+    def no_such_config(*args, **kwargs):
+        raise ValueError("BuilderConfig 'al' not found")  # what the hub says to a misspelt config: a bug here
+
+    monkeypatch.setattr(datasets, "load_dataset", no_such_config)
+    with pytest.raises(ValueError, match="BuilderConfig 'al' not found"):
+        MMLU("all", "test")
+
+
 def test_mmlu_reads_the_upstream_schema_from_a_mirror(tmp_path, monkeypatch):
     (tmp_path / "mmlu" / "all").mkdir(parents=True)
     record = {"question": "2+2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "22"], "answer": 1}
