@@ -6,7 +6,8 @@ Each step it
      written straight into the free rows), copies a row for each extra sample (`n`), and keeps each prompt's
      last logits so the first token comes with this very step;
   2. samples one token for every active row, each with its request's own settings and random generator;
-  3. turns tokens into events (complete UTF-8 text, tool calls, stop strings) on each request's queue;
+  3. turns tokens into events (complete UTF-8 text, tool calls, stop strings: engine.py's SampleStream) on
+     each request's queue;
   4. retires finished or cancelled rows, moving the last active row into the hole so the active rows stay
      the prefix [0, n_active) and the forward pass only ever runs on live rows;
   5. runs one decode forward over the active rows.
@@ -30,16 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import (
-    Engine,
-    SampleState,
-    TextStream,
-    draw_uniforms,
-    sample_generators,
-    sample_next_tokens,
-    sampling_tensors,
-)
+from nanochat.engine import Engine, Event, SampleStream
 from nanochat.gpt import KVCache
+from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
 
 # -----------------------------------------------------------------------------
 # What a request asks for, and what it gets back
@@ -54,17 +48,6 @@ class SamplingParams:
     seed: int | None = None  # None = a random seed
     stop: list[str] = field(default_factory=list)  # stop strings; the text stops before them
     n: int = 1  # independent samples from one prefill
-
-
-@dataclass
-class Event:
-    sample: int  # which of the request's n samples
-    token: int | None  # the token this step produced (None on a final event that only carries leftovers)
-    mask: int  # 0 = forced tool output
-    text: str  # complete characters to append; never part of a stop string
-    part: str  # what `text` belongs to: "text" | "python" (a tool call) | "python_output"
-    finish_reason: str | None = None  # set on a sample's last event: "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
 
 
 class QueueFull(Exception):
@@ -176,55 +159,17 @@ def collect(events) -> list[Completion]:
 
 
 # -----------------------------------------------------------------------------
-# One sample's streaming state: tool use, text decoding, stop strings
+# One sample in the batch: its event stream (nanochat/engine.py) and its row's bookkeeping
 
 
-class _Sample:
+class _Sample(SampleStream):
     def __init__(self, request: Request, index: int, engine: Engine, generator: torch.Generator):
+        super().__init__(index, engine.special, engine.tokenizer, request.params.stop, request.params.max_tokens)
         self.request = request
-        self.index = index
         self.generator = generator
-        self.state = SampleState(engine.special)
-        self.text = TextStream(engine.tokenizer)
-        self.part = "text"
-        self.pending = ""  # text held back because it may be the start of a stop string
-        self.generated = 0
         self.tool_call: Future | None = None  # set while the sample waits for its python output
-        self.last_token = request.prompt[-1]
+        self.last_token = request.prompt[-1]  # fed again (a dummy input) while the sample waits for a tool
         self.cached = len(request.prompt)  # positions in its KV cache row (kept here: no device sync to read it)
-
-    def emit(self, token: int, mask: int, special, max_tokens: int) -> Event:
-        """The event for one generated token; finish_reason set when this token ends the sample."""
-        self.generated += 1
-        self.last_token = token
-        text, part, finish = self.text.feed(token), self.part, None
-        if token in special.stops and mask == 1:
-            text, finish = self.pending + self.text.flush(), "stop"
-        elif token in special.part_after:
-            text, self.pending = self.pending, ""  # a held-back prefix was plain text after all
-            self.part = special.part_after[token]
-        elif part == "text" and self.request.params.stop:
-            text, finish = self._hold_back_stop_strings(text)
-        if finish is None and self.generated >= max_tokens:
-            text, finish = text + self.pending + self.text.flush(), "length"
-        return Event(self.index, token, mask, text, part, finish)
-
-    def _hold_back_stop_strings(self, text: str) -> tuple[str, str | None]:
-        buffer = self.pending + text
-        stops = self.request.params.stop
-        hits = [buffer.find(stop) for stop in stops if stop in buffer]
-        if hits:
-            self.pending = ""
-            return buffer[:min(hits)], "stop"
-        # keep the longest tail that could still grow into a stop string
-        hold = max((size for stop in stops for size in range(min(len(stop) - 1, len(buffer)), 0, -1)
-                    if stop.startswith(buffer[-size:])), default=0)
-        self.pending = buffer[len(buffer) - hold:] if hold else ""
-        return buffer[:len(buffer) - hold], None
-
-    def final_event(self, reason: str, error: str | None = None) -> Event:
-        text = self.pending + self.text.flush() if reason == "length" else ""
-        return Event(self.index, None, 0, text, self.part, reason, error)
 
 
 def _row_view(cache: KVCache, start: int, stop: int) -> KVCache:
@@ -495,11 +440,12 @@ class Scheduler:
                 sample.tool_call = None
                 sample.state.force_output(self.engine.tokenizer.encode(output))
             token, mask, code = sample.state.next_token(sampled[row])
-            event = sample.emit(token, mask, special, sample.request.params.max_tokens)
+            event = sample.emit(token, mask)
+            sample.last_token = token
             # Feeding this token takes position `cached`; stop one short of the end so a row that then waits
             # for a tool still has room for the dummy token it is fed meanwhile.
             if event.finish_reason is None and sample.cached + 1 >= self.seq_len:
-                event.text += sample.pending + sample.text.flush()
+                event.text += sample.flush()
                 event.finish_reason = "length"  # the context window is full
             if event.finish_reason is None and code is not None:
                 sample.tool_call = self._tools.submit(self.engine.run_tool, code)

@@ -1,10 +1,11 @@
 """Inference: sample from a GPT with a KV cache, run its python tool calls, stream complete UTF-8 text.
 
-Told in order: the sampler (batched, per-row settings), the tool-use state machine of one sample, the
-incremental text decoder, the model's serving form (cast once, linear layers packed on CPU), and the Engine
-that ties them together for one prompt and N samples.
-The continuous-batching scheduler that serves many prompts at once (nanochat/batching.py) reuses the
-sampler, the tool state machine and the text decoder, so a sample behaves the same in either place.
+Told in order: the tool-use state machine of one sample, the incremental text decoder, one sample as a stream of
+events (text by message part, stop strings), the model's serving form (cast once, linear layers packed on CPU), and
+the Engine that ties them together for one prompt and N samples. Tokens are picked by the shared sampler in
+nanochat/sampling.py.
+The continuous-batching scheduler that serves many prompts at once (nanochat/batching.py) reuses the sampler, the
+tool state machine, the text decoder and the event stream, so a sample behaves the same in either place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ast
 import codecs
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,86 +22,8 @@ from torch import nn
 from nanochat.common import get_compute_dtype
 from nanochat.gpt import GPT
 from nanochat.kernels import PackedLinear
+from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
 from nanochat.tokenizer import Tokenizer
-
-# -----------------------------------------------------------------------------
-# The sampler: one next token per row, each row with its own temperature / top-k / top-p
-
-
-def sample_next_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       uniforms: torch.Tensor) -> torch.Tensor:
-    """Next token per row of `logits` (B, V), by inverse-CDF sampling with the given uniforms (B,) in [0, 1).
-
-    temperature (B,) float: 0 = greedy (argmax); top_k (B,) long: 0 = off; top_p (B,) float: 1 = off (applied
-    after top-k, to the renormalized top-k distribution, as Hugging Face does). Each row consumes exactly one
-    uniform per step, drawn from its own sample's generator, so a seeded request samples the same tokens whether
-    it runs alone or beside others in a batch.
-    """
-    greedy = logits.argmax(dim=-1)
-    sampled_rows = temperature > 0
-    if not bool(sampled_rows.any()):
-        return greedy  # fast path: an all-greedy batch skips the softmax
-    scaled = logits / torch.where(sampled_rows, temperature, 1.0)[:, None]
-    tokens = greedy.clone()
-    vocab_size = logits.size(-1)
-    # Three kinds of rows, each sampled over as few candidates as it needs: top-k rows over the k best (a topk,
-    # not a sort of the whole vocabulary: at 65k tokens that is the difference between 0.1 and 3 ms a row),
-    # top-p-only rows over the sorted vocabulary, unfiltered rows straight from the softmax.
-    kinds = (sampled_rows & (top_k > 0), sampled_rows & (top_k <= 0) & (top_p < 1.0),
-             sampled_rows & (top_k <= 0) & (top_p >= 1.0))
-    for kind, rows in enumerate(kinds):
-        if not bool(rows.any()):
-            continue
-        rows = rows.nonzero().squeeze(1)
-        if kind == 2:
-            tokens[rows] = _inverse_cdf(torch.softmax(scaled[rows], dim=-1), uniforms[rows], None)
-            continue
-        k = min(int(top_k[rows].max()), vocab_size) if kind == 0 else vocab_size
-        values, ids = scaled[rows].topk(k, dim=-1)  # sorted, best first
-        if kind == 0:
-            ranks = torch.arange(k, device=logits.device)
-            values = values.masked_fill(ranks[None, :] >= top_k[rows, None], float("-inf"))
-        probs = torch.softmax(values, dim=-1)
-        keep = (probs.cumsum(dim=-1) - probs) < top_p[rows, None]  # the nucleus; rank 0 always stays
-        probs = probs * keep
-        tokens[rows] = ids.gather(-1, _inverse_cdf(probs, uniforms[rows], keep.sum(dim=-1))[:, None]).squeeze(-1)
-    return tokens
-
-
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """Index per row where the CDF of `probs` (unnormalized) crosses uniform * total. The clamp to the last kept
-    candidate guards against float rounding putting the target at the very top of the CDF."""
-    cdf = probs.cumsum(dim=-1)
-    targets = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
-    index = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    return index.clamp(max=probs.size(-1) - 1) if kept is None else torch.minimum(index, kept - 1)
-
-
-def sampling_tensors(settings: list[tuple[float, int | None, float | None]], device: torch.device):
-    """(temperature, top_k, top_p) tensors for a batch from per-row (temperature, top_k, top_p) settings."""
-    temperature = torch.tensor([s[0] for s in settings], dtype=torch.float32, device=device)
-    top_k = torch.tensor([s[1] or 0 for s in settings], dtype=torch.long, device=device)
-    top_p = torch.tensor([1.0 if s[2] is None else s[2] for s in settings], dtype=torch.float32, device=device)
-    return temperature, top_k, top_p
-
-
-def sample_generators(seed: int | None, num_samples: int) -> list[torch.Generator]:
-    """One CPU generator per sample (seed None = random): sample i's randomness depends only on (seed, i), not on
-    how many samples were asked for or what else shares the batch. A sample draws one uniform per token it
-    samples, so drawing on the CPU costs nothing and gives the same results on every device."""
-    root = torch.Generator(device="cpu")
-    if seed is None:
-        root.seed()
-    else:
-        root.manual_seed(seed)
-    seeds = torch.randint(0, 2**62, (num_samples,), generator=root).tolist()
-    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-
-
-def draw_uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One uniform per row; None for a row whose token is not sampled this step (forced, waiting, finished)."""
-    return torch.tensor([0.0 if g is None else torch.rand(1, generator=g).item() for g in generators])
-
 
 # -----------------------------------------------------------------------------
 # Tool use: the python tool, and the per-sample state machine that notices calls and forces the output
@@ -209,6 +133,76 @@ class TextStream:
 
 
 # -----------------------------------------------------------------------------
+# One sample as a stream of events: tool use, text by message part, stop strings, the token limit
+
+
+@dataclass
+class Event:
+    sample: int  # which of the prompt's n samples
+    token: int | None  # the token this step produced (None on a final event that only carries leftovers)
+    mask: int  # 0 = forced tool output
+    text: str  # complete characters to append; never part of a stop string
+    part: str  # what `text` belongs to: "text" | "python" (a tool call) | "python_output"
+    finish_reason: str | None = None  # set on a sample's last event: "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+class SampleStream:
+    """One sample's streaming state: its tool-use state machine, its text decoder, the part of the assistant message
+    its text belongs to, and text held back because it may be the start of a stop string. The caller picks each
+    token (`state.next_token`) and runs the tool calls; `emit` turns the token into the Event to stream out."""
+
+    def __init__(self, index: int, special: SpecialIds, tokenizer: Tokenizer, stop: list[str], max_tokens: int):
+        self.index = index
+        self.special = special
+        self.stop = stop
+        self.max_tokens = max_tokens  # tokens generated (tool output included) before the sample ends at "length"
+        self.state = SampleState(special)
+        self.text = TextStream(tokenizer)
+        self.part = "text"
+        self.pending = ""  # text held back because it may be the start of a stop string
+        self.generated = 0
+
+    def emit(self, token: int, mask: int) -> Event:
+        """The event for one generated token; finish_reason set when this token ends the sample."""
+        self.generated += 1
+        special = self.special
+        text, part, finish = self.text.feed(token), self.part, None
+        if token in special.stops and mask == 1:
+            text, finish = self.flush(), "stop"
+        elif token in special.part_after:
+            text, self.pending = self.pending, ""  # a held-back prefix was plain text after all
+            self.part = special.part_after[token]
+        elif part == "text" and self.stop:
+            text, finish = self._hold_back_stop_strings(text)
+        if finish is None and self.generated >= self.max_tokens:
+            text, finish = text + self.flush(), "length"
+        return Event(self.index, token, mask, text, part, finish)
+
+    def _hold_back_stop_strings(self, text: str) -> tuple[str, str | None]:
+        buffer = self.pending + text
+        hits = [buffer.find(stop) for stop in self.stop if stop in buffer]
+        if hits:
+            self.pending = ""
+            return buffer[:min(hits)], "stop"
+        # keep the longest tail that could still grow into a stop string
+        hold = max((size for stop in self.stop for size in range(min(len(stop) - 1, len(buffer)), 0, -1)
+                    if stop.startswith(buffer[-size:])), default=0)
+        self.pending = buffer[len(buffer) - hold:] if hold else ""
+        return buffer[:len(buffer) - hold], None
+
+    def flush(self) -> str:
+        """All the text still held back (the start of a would-be stop string, an incomplete character), for a
+        sample that ends here."""
+        text, self.pending = self.pending + self.text.flush(), ""
+        return text
+
+    def final_event(self, reason: str, error: str | None = None) -> Event:
+        text = self.flush() if reason == "length" else ""
+        return Event(self.index, None, 0, text, self.part, reason, error)
+
+
+# -----------------------------------------------------------------------------
 # The model as served: in the compute dtype, its linear layers packed on CPU
 
 
@@ -284,11 +278,9 @@ class Engine:
         states = [SampleState(self.special) for _ in range(num_samples)]
         last_tokens = [0] * num_samples
         for step in range(max_tokens):
-            if temperature == 0:
-                sampled = logits.argmax(dim=-1).tolist()
-            else:
-                uniforms = draw_uniforms([g if s.samples_next else None for g, s in zip(generators, states)])
-                sampled = sample_next_tokens(logits, *settings, uniforms).tolist()
+            uniforms = draw_uniforms([g if temperature > 0 and s.samples_next else None
+                                      for g, s in zip(generators, states)])
+            sampled = sample_next_tokens(logits, *settings, uniforms).tolist()
             column, masks = [], []
             for row, state in enumerate(states):
                 if state.finished:

@@ -20,6 +20,7 @@ from torch import nn
 from nanochat.common import get_dist_info
 from nanochat.kernels import Linear, matmul, onednn_ready, tanh_
 from nanochat.optim import DistAdamW, DistMuon, Muon
+from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
 
 
 @dataclass
@@ -404,21 +405,17 @@ class GPT(nn.Module):
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 42) -> Iterator[int]:
         """Sample a continuation of one prompt, one token at a time, with a KV cache. The serving Engine does
-        batching and tools; this is the plain loop training scripts use to print samples."""
+        batching and tools; this is the plain loop training scripts use to print samples. It draws from the
+        Engine's sampler (nanochat/sampling.py): for the same seed, temperature (0 = greedy) and top_k it picks the
+        tokens a one-sample Engine request picks, up to where the Engine would stop or force tool output."""
         if not tokens:
             raise ValueError("generate needs a non-empty prompt (start it with the <|bos|> token)")
         device = self.get_device()
-        generator = torch.Generator(device=device).manual_seed(seed)
+        settings = sampling_tensors([(temperature, top_k, None)], device)
+        generator = sample_generators(seed, 1)[0] if temperature > 0 else None
         cache = self.new_kv_cache(1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids, kv_cache=cache)[:, -1, :]
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                ids = torch.multinomial(probs, num_samples=1, generator=generator)
-            else:
-                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = sample_next_tokens(logits, *settings, draw_uniforms([generator]))[:, None]
             yield int(ids.item())

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.engine import Engine, TextStream, prepare_for_serving, run_python_tool, sample_next_tokens
+from nanochat.engine import Engine, TextStream, prepare_for_serving, run_python_tool
 from nanochat.kernels import PackedLinear
+from nanochat.sampling import sample_next_tokens
 
 
 def chat_prompt(tokenizer, text: str) -> list[int]:
@@ -136,6 +137,19 @@ def test_sampler_follows_the_softmax_distribution():
     tokens = torch.cat([sample_next_tokens(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]),
                                            u[None]) for u in uniforms])
     assert torch.bincount(tokens, minlength=3).tolist() == [500, 300, 200]
+
+
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_gpt_generate_samples_what_a_one_sample_engine_request_samples(tiny_gpt, tiny_tokenizer, top_k):
+    """The plain loop training scripts print samples with and the Engine draw from one sampler, with the same
+    per-sample generator for a seed: a one-sample request gets the same tokens from either."""
+    prompt = chat_prompt(tiny_tokenizer, "Tell me a story")
+    plain = list(tiny_gpt.generate(prompt, max_tokens=24, temperature=0.8, top_k=top_k, seed=5))
+    results, _ = Engine(tiny_gpt, tiny_tokenizer).generate_batch(prompt, max_tokens=24, temperature=0.8, top_k=top_k,
+                                                               seed=5)
+    assert results[0][len(prompt):] == plain
+    assert len(plain) == 24  # the Engine ran to max_tokens too: no stop token cut its sample short
+    assert plain != list(tiny_gpt.generate(prompt, max_tokens=24, temperature=0))  # really sampled, not greedy
 
 
 # -----------------------------------------------------------------------------
