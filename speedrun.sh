@@ -124,12 +124,13 @@ print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")
         mem=$((mem * 2))
     done
     TOK_TRAIN_ARGS=(--vocab-size="$VOCAB_SIZE" --max-chars=2000000000)
-    BASE_TRAIN_ARGS=(--depth="$DEPTH" --device-batch-size="$DEVICE_BATCH_SIZE")
+    # the two newest checkpoints of a stage are kept (a depth-20 checkpoint with its optimizer state is ~7 GB)
+    BASE_TRAIN_ARGS=(--depth="$DEPTH" --device-batch-size="$DEVICE_BATCH_SIZE" --keep-checkpoints=2)
     BASE_LOSS_ARGS=(--device-batch-size="$DEVICE_BATCH_SIZE")
     BASE_EVAL_ARGS=()
     # checkpoints every few hundred steps, so an interrupted run loses minutes, not the stage
-    MID_TRAIN_ARGS=(--device-batch-size="$DEVICE_BATCH_SIZE" --save-every=200)
-    CHAT_SFT_ARGS=(--save-every=200)
+    MID_TRAIN_ARGS=(--device-batch-size="$DEVICE_BATCH_SIZE" --save-every=200 --keep-checkpoints=2)
+    CHAT_SFT_ARGS=(--save-every=200 --keep-checkpoints=2)
     CHAT_RL_ARGS=()
     CHAT_EVAL_ARGS=(-a "$CHAT_EVAL_TASKS")
     ;;

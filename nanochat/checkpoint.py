@@ -76,11 +76,15 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model_state: dict | None, o
 # Finding checkpoints
 
 
+def complete_steps(checkpoint_dir: Path) -> list[int]:
+    """The steps with a complete checkpoint (its meta file, written last, exists), in order."""
+    return sorted(int(m.group(1)) for p in Path(checkpoint_dir).glob("meta_*.json")
+                  if (m := re.fullmatch(r"meta_(\d+)\.json", p.name)))
+
+
 def find_last_step(checkpoint_dir: Path) -> int:
     """The largest step with a complete checkpoint (its meta file exists)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    steps = [int(m.group(1)) for p in checkpoint_dir.glob("meta_*.json")
-             if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))]
+    steps = complete_steps(checkpoint_dir)
     if not steps:
         raise CheckpointError(f"no complete checkpoint (meta_<step>.json) in {checkpoint_dir}: train one first, "
                               "or pass the directory of an existing run")
@@ -202,6 +206,17 @@ def check_tokenizer(meta: dict, tokenizer, where: Path) -> None:
     if vocab_size < tokenizer.get_vocab_size():
         raise CheckpointError(f"{where}: the model has {vocab_size} token embeddings but the tokenizer has "
                               f"{tokenizer.get_vocab_size()} tokens")
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints (every rank's optimizer shards with them); returns the
+    steps removed. The meta file goes first, so a step is never left looking complete with its weights gone."""
+    removed = complete_steps(checkpoint_dir)[:-keep]
+    for step in removed:
+        meta_path(checkpoint_dir, step).unlink()
+        for path in Path(checkpoint_dir).glob(f"*_{step:06d}*"):
+            path.unlink()
+    return removed
 
 
 # -----------------------------------------------------------------------------

@@ -154,6 +154,20 @@ class DistInfo:
         return self.rank == 0
 
 
+def parse_script_args(parser, argv: list[str] | None = None):
+    """parser.parse_args for a script that also runs under torchrun, where the script's own flags may follow a
+    `--` (`torchrun ... -m scripts.base_train -- --depth=20`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parser.parse_args(argv[1:] if argv and argv[0] == "--" else argv)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """`value` summed over the ranks, in place; itself in a plain process."""
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def get_dist_info() -> tuple[bool, int, int, int]:
     """(ddp, rank, local_rank, world_size) as torchrun sets them; a plain process is rank 0 of 1."""
     if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):

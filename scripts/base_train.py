@@ -16,41 +16,45 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint import (
-    CheckpointError,
-    build_model,
-    check_tokenizer,
-    find_last_step,
-    gather_rank_states,
-    load_checkpoint,
-    meta_path,
-    model_meta,
-    pick_rank_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from nanochat.checkpoint import build_model, rng_state, set_rng_state
 from nanochat.common import (
+    all_reduce_sum,
     autocast_context,
     autodetect_device_type,
     compute_cleanup,
     compute_init,
-    get_base_dir,
     get_compute_dtype,
     get_wandb,
+    parse_script_args,
     print0,
 )
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.gpt import model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (
+    RunError,
+    StepTimer,
+    add_optimizer_arguments,
+    add_run_arguments,
+    apply_schedule,
+    boundary_errors_exit,
+    check_every_flags,
+    check_run_arguments,
+    checkpoint_dir,
+    compile_policy,
+    due,
+    lr_multiplier,
+    resume_run,
+    save_run_checkpoint,
+    set_aside_previous_run,
+    setup_optimizers,
+    step_line,
+)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -68,8 +72,7 @@ RUN_DEFINING_FLAGS = ["depth", "max_seq_len", "device_batch_size", "total_batch_
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    add_run_arguments(parser, "pretraining")
     # the model
     parser.add_argument("--depth", type=int, default=20, help="number of layers; width and heads follow")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 512 else)")
@@ -83,11 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--total-batch-size", type=int, default=None,
                         help="tokens per optimizer step (default: 524288 on CUDA, 8 micro-steps of every process "
                              "else)")
-    # the optimizers
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the LM head")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the hidden matrices")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    # the optimizers and their schedule
+    add_optimizer_arguments(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the lr up")
     parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps decaying the lr at the end")
     parser.add_argument("--final-lr-frac", type=float, default=0.0, help="lr at the end, as a fraction of the peak")
@@ -96,18 +96,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-tokens", type=int, default=None, help="val tokens per evaluation (default: 20 steps' "
                                                                       "worth on CUDA, 4 else)")
     parser.add_argument("--core-metric-every", type=int, default=None,
-                        help="steps between CORE evaluations (-1: never; default 2000 on CUDA, -1 else)")
+                        help="steps between CORE evaluations (-1: never; default 2000 on CUDA, -1 else); never at "
+                             "step 0 unless --core-metric-at-start")
+    parser.add_argument("--core-metric-at-start", action="store_true", help="also evaluate CORE before training")
     parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE items per task")
     parser.add_argument("--sample-every", type=int, default=2000, help="steps between printed samples (-1: never)")
     parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (-1: end only)")
     parser.add_argument("--model-tag", default=None, help="checkpoint directory name (default: d<depth>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint of --model-tag (starts fresh if there is none)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the model (default: on CUDA)")
-    if argv and argv[0] == "--":  # `torchrun ... -m scripts.base_train -- --depth=20`
-        argv = argv[1:]
-    args = parser.parse_args(argv)
+    args = parse_script_args(parser, argv)
     validate_args(parser, args)
     return args
 
@@ -129,10 +125,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      f"{args.num_iterations}")
     if args.num_iterations == -1 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         parser.error("no token budget: give --num-iterations, --target-flops or a positive --target-param-data-ratio")
-    for flag, value in {"--eval-every": args.eval_every, "--sample-every": args.sample_every,
-                        "--save-every": args.save_every, "--core-metric-every": args.core_metric_every}.items():
-        if value is not None and (value == 0 or value < -1):
-            parser.error(f"{flag} must be a positive number of steps or -1 (never / end only), got {value}")
+    check_every_flags(parser, args, "eval_every", "sample_every", "save_every", "core_metric_every")
+    check_run_arguments(parser, args)
 
 
 def resolve_device_defaults(args: argparse.Namespace, device_type: str, world_size: int) -> None:
@@ -157,42 +151,44 @@ def resolve_device_defaults(args: argparse.Namespace, device_type: str, world_si
 
 
 # -----------------------------------------------------------------------------
-# Schedules: the learning rate and Muon's momentum as functions of the step
-
-
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
-    """Linear warmup from ~0, constant, then linear warmdown to final_lr_frac over the last warmdown_ratio of steps."""
-    warmup_steps = round(warmup_ratio * num_iterations)
-    warmdown_steps = round(warmdown_ratio * num_iterations)
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step <= num_iterations - warmdown_steps:
-        return 1.0
-    progress = (num_iterations - step) / warmdown_steps  # 1 -> 0 across the warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step: int) -> float:
-    """0.85 -> 0.95 over the first 300 steps: a short memory while the early gradients change fast."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-# -----------------------------------------------------------------------------
 # The run
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv if argv is not None else sys.argv[1:])
+    args = parse_args(argv)
     dist_info = compute_init(args.device_type or autodetect_device_type())
     try:
-        train(args, dist_info)
-    except CheckpointError as e:  # a bad checkpoint on disk: the message names the file and the fix
-        raise SystemExit(f"error: {e}") from None
+        with boundary_errors_exit():  # a bad checkpoint, flags that do not fit: one line that names the fix
+            train(args, dist_info)
     finally:
         compute_cleanup()
     return 0
+
+
+def training_steps(args: argparse.Namespace, counts: dict[str, int], flops_per_token: float) -> int:
+    """The token budget as optimizer steps, by precedence: --num-iterations, --target-flops, the Chinchilla ratio."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    if args.target_flops > 0:
+        return max(1, round(args.target_flops / (flops_per_token * args.total_batch_size)))
+    return max(1, round(args.target_param_data_ratio * counts["total"] / args.total_batch_size))
+
+
+def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: int):
+    """(model, resumed or None): the last checkpoint of this tag when resuming, else a fresh model (an earlier run
+    of the tag set aside)."""
+    resumed = None
+    if args.resume:
+        resumed = resume_run("base", directory, args, RUN_DEFINING_FLAGS, dist_info.device, dist_info.rank,
+                             dist_info.world_size)
+        if resumed is None:
+            print0(f"--resume: no checkpoint in {directory} yet, starting a fresh run")
+    else:
+        set_aside_previous_run(directory, dist_info.master)
+    if resumed is not None:
+        return resumed.model, resumed
+    config = model_config_from_depth(args.depth, vocab_size, args.max_seq_len)
+    return build_model({"model_config": asdict(config)}, dist_info.device, "train"), None
 
 
 def train(args: argparse.Namespace, dist_info) -> None:
@@ -203,60 +199,25 @@ def train(args: argparse.Namespace, dist_info) -> None:
     resolve_device_defaults(args, device_type, world_size)
     compute_dtype = get_compute_dtype(device_type)
     autocast = autocast_context(device_type)
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step != 0:
-        raise SystemExit(f"--total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
-                         f"--max-seq-len x world size = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
-                         f"= {tokens_per_micro_step}")
+        raise RunError(f"--total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
+                       f"--max-seq-len x world size = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
+                       f"= {tokens_per_micro_step}")
     grad_accum_steps = args.total_batch_size // tokens_per_micro_step
-    if args.core_metric_every > 0:
-        try:
-            from nanochat.core_eval import evaluate_core, get_eval_bundle
-        except ImportError as e:
-            raise SystemExit(f"--core-metric-every needs nanochat.core_eval ({e}); pass --core-metric-every=-1") from e
+    core_bundle = fetch_core_bundle(master) if args.core_metric_every > 0 else None
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
-    vocab_size = tokenizer.get_vocab_size()
-
-    # the model: fresh, or the last checkpoint of this tag when resuming
-    checkpoint_dir = get_base_dir() / "base_checkpoints" / args.model_tag
-    if not args.resume:
-        set_aside_previous_run(checkpoint_dir, master)
-    resume_step = last_checkpoint_step(checkpoint_dir) if args.resume else None
-    if args.resume and resume_step is None:
-        print0(f"--resume: no checkpoint in {checkpoint_dir} yet, starting a fresh run")
-    if resume_step is not None:
-        model_state, optimizer_states, meta = load_checkpoint(checkpoint_dir, resume_step, device,
-                                                              load_optimizer=True, rank=rank)
-        check_tokenizer(meta, tokenizer, meta_path(checkpoint_dir, resume_step))
-        check_same_run(args, meta, meta_path(checkpoint_dir, resume_step))
-        model = build_model(meta, device, "train", model_state, source=str(checkpoint_dir))
-        del model_state
-        try:
-            rank_state = pick_rank_state(meta["rank_states"], rank, world_size, f"{checkpoint_dir} step {resume_step}")
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    else:
-        config = model_config_from_depth(args.depth, vocab_size, args.max_seq_len)
-        model = build_model({"model_config": asdict(config)}, device, "train")
-        meta, optimizer_states, rank_state = None, None, None
-    config = model.config
-    orig_model = model  # sampling, CORE and checkpoints use the uncompiled module
-    if args.compile:
-        model = torch.compile(model, dynamic=False)
+    directory = checkpoint_dir("base", args.model_tag)
+    orig_model, resumed = load_or_resume(args, dist_info, directory, tokenizer.get_vocab_size())
+    config = orig_model.config
+    model = compile_policy(orig_model, args.compile, device_type)  # sampling, CORE and checkpoints use orig_model
 
     counts = orig_model.param_counts()
     flops_per_token = orig_model.estimate_flops()
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
-    else:
-        num_iterations = round(args.target_param_data_ratio * counts["total"] / args.total_batch_size)
-    num_iterations = max(num_iterations, 1)
+    num_iterations = training_steps(args, counts, flops_per_token)
     total_tokens = args.total_batch_size * num_iterations
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
            f"context {config.sequence_len}")
@@ -267,24 +228,18 @@ def train(args: argparse.Namespace, dist_info) -> None:
     print0(f"batch: {args.device_batch_size} x {args.max_seq_len} tokens x {world_size} processes x "
            f"{grad_accum_steps} accumulation steps; {device_type}, {compute_dtype}, compile={args.compile}")
 
-    optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                             matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    muon = optimizers[1]
+    optimizers = setup_optimizers(orig_model, args, resumed.optimizer_states if resumed else None)
     loop = {"step": 0, "smooth_train_loss": 0.0, "total_training_time": 0.0, "timed_steps": 0,
             "min_val_bpb": float("inf"), "val_bpb": None}
-    if resume_step is not None:
-        for optimizer, state in zip(optimizers, optimizer_states, strict=True):
-            optimizer.load_state_dict(state)
-        del optimizer_states
-        loop.update(meta["loop_state"])
-        set_rng_state(rank_state["rng"], device)
-        print0(f"resumed from {checkpoint_dir} at step {resume_step}")
+    if resumed is not None:
+        loop.update(resumed.meta["loop_state"])
+        set_rng_state(resumed.rank_state["rng"], device)
     if loop["step"] >= num_iterations:
-        print0(f"{checkpoint_dir} is already trained to step {loop['step']} of {num_iterations}: nothing to do")
+        print0(f"{directory} is already trained to step {loop['step']} of {num_iterations}: nothing to do")
         return
 
     train_loader = DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
-                                          resume_state=rank_state["dataloader"] if rank_state else None)
+                                          resume_state=resumed.rank_state["dataloader"] if resumed else None)
     loader_state = train_loader.state_dict()  # the position of the batch fetched next: what a checkpoint saves
     inputs, targets = next(train_loader)
 
@@ -293,61 +248,62 @@ def train(args: argparse.Namespace, dist_info) -> None:
     peak = peak_flops(device)
     ema_beta = 0.9
 
-    def evaluate_val_bpb() -> float:
-        steps = max(1, args.eval_tokens // tokens_per_micro_step)
+    def evaluate(step: int) -> None:
+        flops_so_far = flops_per_token * args.total_batch_size * step
         val_loader = DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device)
         model.eval()
         with autocast:
-            bpb = evaluate_bpb(model, val_loader, steps, token_bytes)
+            val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
         model.train()
         val_loader.close()
-        return bpb
+        loop["val_bpb"], loop["min_val_bpb"] = val_bpb, min(loop["min_val_bpb"], val_bpb)
+        print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+        report.log_metrics("base_train", {"step": step, "total_flops": flops_so_far, "val_bpb": val_bpb})
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
+
+    def evaluate_core_metric(step: int) -> None:
+        from nanochat.core_eval import evaluate_core
+
+        flops_so_far = flops_per_token * args.total_batch_size * step
+        model.eval()
+        with autocast:
+            core = evaluate_core(orig_model, tokenizer, device, core_bundle,
+                                 max_per_task=args.core_metric_max_per_task, log=print0).core
+        model.train()
+        loop["core_metric"] = core
+        print0(f"step {step:05d} | CORE {core:.4f}")
+        report.log_metrics("base_train", {"step": step, "total_flops": flops_so_far, "core_metric": core})
+        wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core})
 
     def save(step: int) -> None:
-        rank_states = gather_rank_states({"dataloader": loader_state, "rng": rng_state(device)})
-        step_meta = model_meta(config, tokenizer, step, stage="base", user_config=vars(args),
-                               num_iterations=num_iterations, loop_state={**loop, "step": step},
-                               dataloader_state=loader_state, rank_states=rank_states)
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict() if master else None,
-                        [optimizer.state_dict() for optimizer in optimizers], step_meta, rank=rank)
-        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+        step_meta = {"user_config": vars(args), "num_iterations": num_iterations, "loop_state": {**loop, "step": step},
+                     "dataloader_state": loader_state}
+        save_run_checkpoint("base", directory, step, orig_model, optimizers, tokenizer,
+                            {"dataloader": loader_state, "rng": rng_state(device)}, step_meta, rank,
+                            keep=args.keep_checkpoints)
 
     start_step = loop["step"]
+    timer = StepTimer(device_type, skip_first=10 if num_iterations - start_step > 20 else 0)  # compilation
     for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
-        resumed_here = resume_step is not None and step == start_step  # evaluated and saved before the interruption
-        flops_so_far = flops_per_token * args.total_batch_size * step
-
-        if (last_step or (args.eval_every > 0 and step % args.eval_every == 0)) and not resumed_here:
-            val_bpb = evaluate_val_bpb()
-            loop["val_bpb"], loop["min_val_bpb"] = val_bpb, min(loop["min_val_bpb"], val_bpb)
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            report.log_metrics("base_train", {"step": step, "total_flops": flops_so_far, "val_bpb": val_bpb})
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
-
-        if args.core_metric_every > 0 and (last_step or step % args.core_metric_every == 0) and not resumed_here:
-            model.eval()
-            with autocast:
-                core = evaluate_core(orig_model, tokenizer, device, get_eval_bundle(),
-                                     max_per_task=args.core_metric_max_per_task, log=print0).core
-            model.train()
-            loop["core_metric"] = core
-            print0(f"step {step:05d} | CORE {core:.4f}")
-            report.log_metrics("base_train", {"step": step, "total_flops": flops_so_far, "core_metric": core})
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core})
-
-        if master and args.sample_every > 0 and (last_step or step % args.sample_every == 0) and not resumed_here:
-            print_samples(orig_model, tokenizer, autocast)
-
-        if (last_step or (args.save_every > 0 and step % args.save_every == 0 and step > 0)) and not resumed_here:
-            save(step)
-
+        resumed_here = resumed is not None and step == start_step  # evaluated and saved before the interruption
+        if not resumed_here:
+            if last_step:  # the finished run is on disk before the final evaluations, whatever happens in them
+                save(step)
+            if last_step or due(args.eval_every, step):
+                evaluate(step)
+            core_due = due(args.core_metric_every, step) and (step > 0 or args.core_metric_at_start)
+            if args.core_metric_every > 0 and (last_step or core_due):
+                evaluate_core_metric(step)
+            if master and args.sample_every > 0 and (last_step or step % args.sample_every == 0):
+                print_samples(orig_model, tokenizer, autocast)
+            if not last_step and step > 0 and due(args.save_every, step):
+                save(step)
         if last_step:
             break
 
         # one optimizer step: gradient accumulation over micro-batches
-        synchronize()
-        step_start = time.time()
+        timer.begin()
         train_loss = torch.zeros((), device=device)
         for _ in range(grad_accum_steps):
             with autocast:
@@ -357,44 +313,52 @@ def train(args: argparse.Namespace, dist_info) -> None:
             loader_state = train_loader.state_dict()
             inputs, targets = next(train_loader)  # fetched while the GPU still works on the backward pass
         multiplier = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * multiplier
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
+        apply_schedule(optimizers, multiplier, step)
         for optimizer in optimizers:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        if dist.is_initialized():
-            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)
-            train_loss /= world_size
-        train_loss_value = train_loss.item()  # also waits for the step to finish, so the timing is honest
-        synchronize()
-        step_time = time.time() - step_start
+        train_loss_value = float(all_reduce_sum(train_loss) / world_size)  # waits for the step: honest timing
+        step_time, counts_toward_total = timer.end(step - start_step + 1)
 
         # logging
         done = step + 1
-        if step - start_step >= 10 or num_iterations - start_step <= 20:  # the first steps include compilation
+        if counts_toward_total:
             loop["total_training_time"] += step_time
             loop["timed_steps"] += 1
         loop["smooth_train_loss"] = ema_beta * loop["smooth_train_loss"] + (1 - ema_beta) * train_loss_value
         smooth_loss = loop["smooth_train_loss"] / (1 - ema_beta ** done)  # debiased EMA
-        tokens_per_second = args.total_batch_size / step_time
-        mfu = f"{100 * flops_per_token * tokens_per_second / (peak * world_size):.1f}%" if peak else "n/a"
         mean_step_time = loop["total_training_time"] / max(1, loop["timed_steps"])
-        eta_minutes = mean_step_time * (num_iterations - done) / 60
-        print0(f"step {done:05d}/{num_iterations:05d} ({100 * done / num_iterations:.1f}%) | "
-               f"loss {smooth_loss:.6f} | lrm {multiplier:.2f} | dt {step_time * 1000:.0f}ms | "
-               f"tok/s {tokens_per_second:,.0f} | mfu {mfu} | elapsed {loop['total_training_time'] / 60:.2f}m | "
-               f"eta {eta_minutes:.1f}m")
+        eta = f"eta {mean_step_time * (num_iterations - done) / 60:.1f}m"
+        print0(step_line(done, num_iterations, smooth_loss, multiplier, step_time, args.total_batch_size,
+                         flops_per_token, peak, world_size, loop["total_training_time"], eta))
         total_flops = flops_per_token * args.total_batch_size * done
         report.log_metrics("base_train", {"step": done, "total_flops": total_flops, "train_loss": train_loss_value,
-                                    "lrm": multiplier})
+                                          "lrm": multiplier})
         wandb_run.log({"step": done, "total_training_flops": total_flops, "train/loss": smooth_loss,
-                       "train/lrm": multiplier, "train/dt": step_time, "train/tok_per_sec": tokens_per_second})
+                       "train/lrm": multiplier, "train/dt": step_time,
+                       "train/tok_per_sec": args.total_batch_size / step_time})
         loop["step"] = done
 
     train_loader.close()
+    log_report(args, report, loop, counts, flops_per_token, num_iterations, world_size, grad_accum_steps, device_type)
+    wandb_run.finish()
+
+
+def fetch_core_bundle(master: bool):
+    """The CORE bundle, fetched once before training, by rank 0 (the others wait, then find it on disk)."""
+    try:
+        from nanochat.eval_bundle import get_eval_bundle
+    except ImportError as e:
+        raise RunError(f"--core-metric-every needs nanochat.core_eval ({e}); pass --core-metric-every=-1") from e
+    bundle = get_eval_bundle() if master else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return bundle or get_eval_bundle()
+
+
+def log_report(args, report, loop: dict, counts: dict, flops_per_token: float, num_iterations: int,
+               world_size: int, grad_accum_steps: int, device_type: str) -> None:
+    total_tokens = args.total_batch_size * num_iterations
     peak_memory = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB ({torch.cuda.max_memory_reserved() / 2**30:.2f}"
                    f"GiB reserved)" if device_type == "cuda" else "n/a")
     print0(f"done: min val bpb {loop['min_val_bpb']:.4f}, training time {loop['total_training_time'] / 60:.2f}m, "
@@ -410,38 +374,6 @@ def train(args: argparse.Namespace, dist_info) -> None:
          "Total training flops": f"{flops_per_token * total_tokens:e}",
          "Total training time": f"{loop['total_training_time'] / 60:.2f}m", "Peak memory usage": peak_memory},
     ])
-    wandb_run.finish()
-
-
-def set_aside_previous_run(checkpoint_dir: Path, master: bool) -> None:
-    """A fresh run must not share a directory with an older run's checkpoints (a later --resume could pick up the
-    old run's higher step), and must not delete them either: they move to <tag>.replaced-<time>."""
-    if master and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
-        aside = checkpoint_dir.with_name(f"{checkpoint_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        checkpoint_dir.rename(aside)
-        print0(f"starting a fresh run: the previous checkpoints of this tag moved to {aside} (use --resume to "
-               "continue a run instead)")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def last_checkpoint_step(checkpoint_dir: Path) -> int | None:
-    try:
-        return find_last_step(checkpoint_dir)
-    except CheckpointError:
-        return None
-
-
-def check_same_run(args: argparse.Namespace, meta: dict, where) -> None:
-    saved = meta.get("user_config", {})
-    if "rank_states" not in meta or "loop_state" not in meta:
-        raise SystemExit(f"{where} holds no training state to resume from: start a fresh run under another "
-                         "--model-tag")
-    changed = [f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {getattr(args, flag)!r}"
-               for flag in RUN_DEFINING_FLAGS if saved.get(flag) != getattr(args, flag)]
-    if changed:
-        raise SystemExit(f"--resume with settings that differ from the run in {where} ({'; '.join(changed)}): "
-                         "pass the original flags to continue it exactly")
 
 
 def print_samples(model, tokenizer, autocast) -> None:

@@ -19,34 +19,54 @@ $NANOCHAT_BASE_DIR/chatrl_checkpoints/<tag>/.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_data import (
-    ConversationStream,
-    add_stage_arguments,
-    all_reduce_sum,
-    collate_padded,
-    load_stage_model,
-    resume_stage,
-    save_stage_checkpoint,
-    set_lr_multiplier,
-    setup_optimizers,
-    source_tag,
-)
+from nanochat.chat_data import ConversationStream, collate_padded
 from nanochat.checkpoint import rng_state, set_rng_state
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, print0
+from nanochat.common import (
+    all_reduce_sum,
+    autocast_context,
+    compute_cleanup,
+    compute_init,
+    get_wandb,
+    parse_script_args,
+    print0,
+)
 from nanochat.engine import Engine
+from nanochat.training import (
+    RunError,
+    StepTimer,
+    add_optimizer_arguments,
+    add_run_arguments,
+    add_source_arguments,
+    apply_schedule,
+    check_every_flags,
+    check_run_arguments,
+    cli,
+    due,
+    lr_multiplier,
+    open_chat_run,
+    save_run_checkpoint,
+    setup_optimizers,
+    step_line,
+)
 from report import get_report
 from tasks.gsm8k import GSM8K
+
+# flags that define the run: --resume with different values would not continue the same run
+RUN_DEFINING_FLAGS = ["source", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens",
+                      "temperature", "top_k", "num_steps", "embedding_lr", "unembedding_lr", "matrix_lr",
+                      "weight_decay", "init_lr_frac"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Reinforcement learning on GSM8K (GRPO-style, on-policy)")
     parser.add_argument("--source", default="sft", choices=["sft", "mid"], help="which stage's model to train")
-    add_stage_arguments(parser, "RL", init_lr_frac=0.05)
+    add_run_arguments(parser, "RL")
+    add_source_arguments(parser)
+    add_optimizer_arguments(parser, init_lr_frac=0.05)
     # rollouts
     parser.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all ranks")
     parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question (the group)")
@@ -62,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="GSM8K test questions per evaluation (default: 400 on CUDA, 16 elsewhere)")
     parser.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: end only)")
-    args = parser.parse_args(argv)
+    args = parse_script_args(parser, argv)
     for flag in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -72,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--temperature must be >= 0")
     if args.eval_examples is not None and args.eval_examples < 1:
         parser.error("--eval-examples must be >= 1")
+    check_every_flags(parser, args, "eval_every", "save_every")
+    check_run_arguments(parser, args)
     return args
 
 
@@ -173,76 +195,78 @@ def pass_at_k(engine: Engine, task: GSM8K, args: argparse.Namespace, num_example
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    user_config = vars(args).copy()
     dist_info = compute_init(args.device_type or None)
+    try:
+        return train(args, dist_info)
+    finally:
+        compute_cleanup()
+
+
+def train(args: argparse.Namespace, dist_info) -> dict:
     device, rank, world_size, master = dist_info.device, dist_info.rank, dist_info.world_size, dist_info.master
     autocast = autocast_context(dist_info.device_type)
     # evaluation volume: the GPU run's default would take longer than the whole CPU run's training
-    args.eval_examples = args.eval_examples or (400 if dist_info.device_type == "cuda" else 16)
-    eval_examples = user_config["eval_examples"] = args.eval_examples
+    args.eval_examples = eval_examples = args.eval_examples or (400 if dist_info.device_type == "cuda" else 16)
+    user_config = vars(args).copy()
     wandb_run = get_wandb(args.run, "nanochat-rl", user_config, master)
 
-    tag = source_tag(args.source, args.model_tag)
-    rank_state = None
-    if args.resume:
-        model, tokenizer, meta, optimizer_states, rank_state = resume_stage("rl", tag, device, rank, world_size)
-        start_step, loop_state, source = meta["step"], meta["loop_state"], meta["source"]
-        print0(f"resuming RL of {tag} from step {start_step}")
-    else:
-        model, tokenizer, meta = load_stage_model(args.source, device, tag=tag, step=args.step)
-        start_step, optimizer_states = 0, None
-        loop_state = {"reward": None, "pass_at_k": None, "training_time": 0.0}
-        source = {"stage": args.source, "tag": tag, "step": meta["step"]}
-        print0(f"RL on {args.source} model {tag} step {meta['step']}")
+    run = open_chat_run("rl", args.source, args, RUN_DEFINING_FLAGS, dist_info)
+    model, tokenizer, resumed = run.model, run.tokenizer, run.resumed
+    start_step = resumed.step if resumed else 0
+    loop_state = resumed.meta["loop_state"] if resumed else {"reward": None, "pass_at_k": None, "training_time": 0.0}
     engine = Engine(model, tokenizer, require_confinement=False)  # weaker layers, warned, where no sandbox
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
     if args.examples_per_step % world_size != 0:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of ranks "
-                         f"({world_size})")
+        raise RunError(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of ranks "
+                       f"({world_size})")
     examples_per_rank = args.examples_per_step // world_size
-    optimizers = setup_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
-                                  args.init_lr_frac)
-    if optimizer_states is not None:
-        for optimizer, state in zip(optimizers, optimizer_states, strict=True):
-            optimizer.load_state_dict(state)
+    optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
 
     train_task = GSM8K(subset="main", split="train")
     val_task = GSM8K(subset="main", split="test")
     num_steps = args.num_steps if args.num_steps > 0 else len(train_task) // args.examples_per_step
     if num_steps < 1:
-        raise ValueError(f"GSM8K train has {len(train_task)} questions, fewer than one step of --examples-per-step="
-                         f"{args.examples_per_step}: lower it or give --num-steps")
+        raise RunError(f"GSM8K train has {len(train_task)} questions, fewer than one step of --examples-per-step="
+                       f"{args.examples_per_step}: lower it or give --num-steps")
     stream = ConversationStream(train_task, rank, world_size)
-    if rank_state is not None:
-        stream.position = rank_state["data"]["position"]
-        set_rng_state(rank_state["rng"], device)
+    if resumed is not None:
+        stream.position = resumed.rank_state["data"]["position"]
+        set_rng_state(resumed.rank_state["rng"], device)
     print0(f"{num_steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
+
+    def evaluate(step: int) -> None:
+        passk = pass_history[step] = loop_state["pass_at_k"] = pass_at_k(engine, val_task, args, eval_examples,
+                                                                         autocast, rank, world_size, device)
+        print0(f"step {step:05d} | GSM8K test ({eval_examples} questions) pass@1 {passk[0]:.4f} | "
+               f"pass@{args.num_samples} {passk[-1]:.4f}")
+        get_report().log_metrics("chat_rl", {"step": step, "pass@1": passk[0], f"pass@{args.num_samples}": passk[-1]})
+        wandb_run.log({"step": step, **{f"pass@{k + 1}": value for k, value in enumerate(passk)}})
+
+    def save(step: int) -> None:
+        save_run_checkpoint("rl", run.directory, step, model, optimizers, tokenizer,
+                            {"data": {"position": stream.position}, "rng": rng_state(device)},
+                            {"source": run.source, "loop_state": loop_state, "user_config": user_config}, rank,
+                            keep=args.keep_checkpoints)
 
     losses: dict[int, float] = {}
     rewards: dict[int, float] = {}
     pass_history: dict[int, list[float]] = {}
+    timer = StepTimer(dist_info.device_type)
     step = start_step
     while True:
         last_step = step >= num_steps
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            passk = pass_at_k(engine, val_task, args, eval_examples, autocast, rank, world_size, device)
-            pass_history[step] = passk
-            loop_state["pass_at_k"] = passk
-            print0(f"step {step:05d} | GSM8K test ({eval_examples} questions) pass@1 {passk[0]:.4f} | "
-                   f"pass@{args.num_samples} {passk[-1]:.4f}")
-            get_report().log_metrics("chat_rl", {"step": step, "pass@1": passk[0],
-                                                 f"pass@{args.num_samples}": passk[-1]})
-            wandb_run.log({"step": step, **{f"pass@{k + 1}": value for k, value in enumerate(passk)}})
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            save_stage_checkpoint("rl", tag, step, model, optimizers, tokenizer,
-                                  {"data": {"position": stream.position}, "rng": rng_state(device)},
-                                  {"source": source, "loop_state": loop_state, "user_config": user_config}, rank)
+        if last_step:  # on disk before the final evaluation, whatever happens in it
+            save(step)
+        if last_step or due(args.eval_every, step):
+            evaluate(step)
+        if not last_step and step > start_step and due(args.save_every, step):
+            save(step)
         if last_step:
             break
 
         # rollouts: a group of samples per question, advantages relative to the group's mean reward
-        t0 = time.time()
+        timer.begin()
         sequences, advantages, step_rewards, lengths = [], [], [], []
         for _ in range(examples_per_rank):
             position, conversation = stream.take()
@@ -257,22 +281,24 @@ def main(argv: list[str] | None = None) -> dict:
             step_rewards += group_rewards
             lengths += [len(ids) - len(prompt) for ids, _ in group]
 
-        set_lr_multiplier(optimizers, 1.0 - step / num_steps)
+        lrm = lr_multiplier(step, num_steps, warmdown_ratio=1.0)  # linear decay to zero
+        apply_schedule(optimizers, lrm, step)
         loss = policy_gradient_step(model, sequences, advantages, args.device_batch_size, pad_id, autocast, device)
         for optimizer in optimizers:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        dt = time.time() - t0
         step += 1
+        dt, counts = timer.end(step - start_step)
 
         totals = all_reduce_sum(torch.tensor([sum(step_rewards), sum(lengths), len(step_rewards)], device=device,
                                              dtype=torch.float64))
         mean_reward, mean_length = float(totals[0] / totals[2]), float(totals[1] / totals[2])
         losses[step], rewards[step] = loss, mean_reward
         loop_state["reward"] = mean_reward
-        loop_state["training_time"] += dt
-        print0(f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss:+.5f} | "
-               f"completion length {mean_length:.1f} | dt {dt:.1f}s")
+        loop_state["training_time"] += dt if counts else 0.0
+        tokens = int(all_reduce_sum(torch.tensor(sum(len(ids) for ids, _ in sequences), device=device)))
+        print0(step_line(step, num_steps, loss, lrm, dt, tokens, None, None, world_size, loop_state["training_time"],
+                         f"reward {mean_reward:.4f} | completion length {mean_length:.1f}"))
         get_report().log_metrics("chat_rl", {"step": step, "reward": mean_reward, "train_loss": loss,
                                              "completion_length": mean_length})
         wandb_run.log({"step": step, "reward": mean_reward, "loss": loss, "completion_length": mean_length})
@@ -280,16 +306,15 @@ def main(argv: list[str] | None = None) -> dict:
     passk = loop_state["pass_at_k"]
     get_report().log("Chat RL", [
         user_config,
-        {"source model": f"{source['stage']} {source['tag']} step {source['step']}",
+        {"source model": f"{run.source['stage']} {run.source['tag']} step {run.source['step']}",
          "GSM8K train questions": len(train_task), "samples per question": args.num_samples},
         {"steps": step, "final mean reward": loop_state["reward"], "evaluation questions": eval_examples,
          "final pass@1": passk[0], f"final pass@{args.num_samples}": passk[-1],
          "training time (min)": loop_state["training_time"] / 60},
     ])
     wandb_run.finish()
-    compute_cleanup()
-    return {"losses": losses, "rewards": rewards, "pass_at_k": pass_history, "tag": tag}
+    return {"losses": losses, "rewards": rewards, "pass_at_k": pass_history, "tag": run.tag}
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

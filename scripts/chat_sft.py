@@ -15,43 +15,52 @@ Reads the latest mid checkpoint (--source base: the base model), writes $NANOCHA
 from __future__ import annotations
 
 import argparse
-import math
-import time
-
-import torch
 
 from nanochat.categorical_eval import run_categorical_eval
-from nanochat.chat_data import (
-    ConversationStream,
-    PaddedBatcher,
-    add_stage_arguments,
+from nanochat.chat_data import ConversationStream, PaddedBatcher, merge_stats
+from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, parse_script_args, print0
+from nanochat.gpt import peak_flops
+from nanochat.training import (
+    RunError,
+    StepTimer,
+    add_optimizer_arguments,
+    add_run_arguments,
+    add_source_arguments,
+    apply_schedule,
+    check_every_flags,
+    check_run_arguments,
+    cli,
+    compile_policy,
+    due,
     evaluate_loss,
-    load_stage_model,
-    load_tasks,
-    merge_stats,
-    require_tasks,
-    resume_stage,
-    save_stage_checkpoint,
-    set_lr_multiplier,
+    lr_multiplier,
+    min_or_none,
+    open_chat_run,
+    save_run_checkpoint,
     setup_optimizers,
-    source_tag,
+    step_line,
     supervised_step,
 )
-from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, print0
 from report import get_report
 from tasks.arc import ARC
-from tasks.common import TaskMixture
+from tasks.common import TaskMixture, load_tasks, require_tasks
 from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee
 
+# flags that define the run: --resume with different values would not continue the same run
+RUN_DEFINING_FLAGS = ["source", "max_seq_len", "device_batch_size", "examples_per_step", "num_iterations",
+                      "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac"]
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Supervised finetuning on single conversations")
     parser.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
-    add_stage_arguments(parser, "SFT", init_lr_frac=0.02)
+    add_run_arguments(parser, "SFT")
+    add_source_arguments(parser)
+    add_optimizer_arguments(parser, init_lr_frac=0.02)
     # batch
     parser.add_argument("--max-seq-len", type=int, default=2048,
                         help="longest conversation, in tokens (longer ones are truncated, and counted)")
@@ -71,12 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-metrics-max-problems", type=int, default=None,
                         help="problems per ARC subset (default: 1024 on CUDA, 100 elsewhere)")
     parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: end only)")
-    args = parser.parse_args(argv)
+    args = parse_script_args(parser, argv)
     for flag in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_steps", "eval_metrics_max_problems"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.num_iterations == 0 or args.num_iterations < -1:
         parser.error("--num-iterations must be >= 1, or -1 for one pass over the mixture")
+    check_every_flags(parser, args, "eval_every", "eval_metrics_every", "save_every")
+    check_run_arguments(parser, args)
     return args
 
 
@@ -110,119 +121,118 @@ def mc_tasks(max_problems: int) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    user_config = vars(args).copy()
     dist_info = compute_init(args.device_type or None)
+    try:
+        return train(args, dist_info)
+    finally:
+        compute_cleanup()
+
+
+def train(args: argparse.Namespace, dist_info) -> dict:
     device, rank, world_size, master = dist_info.device, dist_info.rank, dist_info.world_size, dist_info.master
     autocast = autocast_context(dist_info.device_type)
     # evaluation volume: the GPU run's defaults would take longer than the whole CPU run's training
     on_cuda = dist_info.device_type == "cuda"
     args.eval_steps = args.eval_steps or (100 if on_cuda else 10)
     args.eval_metrics_max_problems = args.eval_metrics_max_problems or (1024 if on_cuda else 100)
-    user_config.update(eval_steps=args.eval_steps, eval_metrics_max_problems=args.eval_metrics_max_problems)
+    user_config = vars(args).copy()
     wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
 
-    tag = source_tag(args.source, args.model_tag)
-    rank_state = None
-    if args.resume:
-        model, tokenizer, meta, optimizer_states, rank_state = resume_stage("sft", tag, device, rank, world_size)
-        start_step, loop_state, source = meta["step"], meta["loop_state"], meta["source"]
-        print0(f"resuming SFT of {tag} from step {start_step}")
-    else:
-        model, tokenizer, meta = load_stage_model(args.source, device, tag=tag, step=args.step)
-        start_step, optimizer_states = 0, None
-        loop_state = {"val_loss": None, "min_val_loss": None, "train_loss": None, "mc_accuracy": {},
-                      "training_time": 0.0}
-        source = {"stage": args.source, "tag": tag, "step": meta["step"]}
-        print0(f"finetuning {args.source} model {tag} step {meta['step']}")
+    run = open_chat_run("sft", args.source, args, RUN_DEFINING_FLAGS, dist_info)
+    model, tokenizer, resumed = run.model, run.tokenizer, run.resumed
+    start_step = resumed.step if resumed else 0
+    loop_state = (resumed.meta["loop_state"] if resumed else
+                  {"val_loss": None, "min_val_loss": None, "train_loss": None, "mc_accuracy": {}, "training_time": 0.0})
+    # rows are padded to the longest conversation of their batch: a new shape nearly every step
+    train_model = compile_policy(model, args.compile, dist_info.device_type, default_on_cuda=False)
 
     rows_per_micro_batch = args.device_batch_size * world_size
     if args.examples_per_step % rows_per_micro_batch != 0:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} must be a multiple of --device-batch-size x "
-                         f"ranks = {rows_per_micro_batch}")
+        raise RunError(f"--examples-per-step={args.examples_per_step} must be a multiple of --device-batch-size x "
+                       f"ranks = {rows_per_micro_batch}")
     grad_accum_steps = args.examples_per_step // rows_per_micro_batch
-
-    optimizers = setup_optimizers(model, args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay,
-                                  args.init_lr_frac)
-    if optimizer_states is not None:
-        for optimizer, state in zip(optimizers, optimizer_states, strict=True):
-            optimizer.load_state_dict(state)
+    optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
 
     train_task, train_sizes, train_missing = train_mixture()
     val_task = SmolTalk(split="test")
     mc = mc_tasks(args.eval_metrics_max_problems)
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
     if num_iterations < 1:
-        raise ValueError(f"the SFT mixture has {len(train_task)} conversations, fewer than one step of "
-                         f"--examples-per-step={args.examples_per_step}: lower it or give --num-iterations")
+        raise RunError(f"the SFT mixture has {len(train_task)} conversations, fewer than one step of "
+                       f"--examples-per-step={args.examples_per_step}: lower it or give --num-iterations")
     print0(f"SFT mixture: {len(train_task):,} conversations ({train_sizes}); {num_iterations} steps of "
            f"{args.examples_per_step} ({grad_accum_steps} accumulation steps)")
     batcher = PaddedBatcher(ConversationStream(train_task, rank, world_size), tokenizer, args.max_seq_len,
-                            state=rank_state["data"] if rank_state else None)
-    if rank_state is not None:
-        set_rng_state(rank_state["rng"], device)
+                            state=resumed.rank_state["data"] if resumed else None)
+    if resumed is not None:
+        set_rng_state(resumed.rank_state["rng"], device)
 
-    def validation_loss() -> float:
+    def validation_loss(step: int) -> None:
         val_batcher = PaddedBatcher(ConversationStream(val_task, rank, world_size), tokenizer, args.max_seq_len)
         batches = (val_batcher.next_batch(args.device_batch_size, device) for _ in range(args.eval_steps))
-        return evaluate_loss(model, batches, autocast)
+        val_loss = val_losses[step] = evaluate_loss(train_model, batches, autocast)
+        loop_state["val_loss"], loop_state["min_val_loss"] = val_loss, min_or_none(val_loss, loop_state["min_val_loss"])
+        print0(f"step {step:05d} | validation loss {val_loss:.4f}")
+        get_report().log_metrics("chat_sft", {"step": step, "val_loss": val_loss})
+        wandb_run.log({"step": step, "val/loss": val_loss})
 
-    def due(every: int, step: int) -> bool:
-        return every > 0 and step % every == 0
+    def multiple_choice_accuracy(step: int) -> None:
+        accuracy = {name: run_categorical_eval(task, tokenizer, model, args.device_batch_size, len(task), autocast)
+                    for name, task in mc.items()}
+        loop_state["mc_accuracy"] = accuracy
+        print0(f"step {step:05d} | " + ", ".join(f"{name} accuracy {acc:.4f}" for name, acc in accuracy.items()))
+        get_report().log_metrics("chat_sft", {"step": step, **{f"{name} accuracy": acc
+                                                               for name, acc in accuracy.items()}})
+        wandb_run.log({"step": step, **{f"mc/{name}": acc for name, acc in accuracy.items()}})
 
+    def save(step: int) -> None:
+        save_run_checkpoint("sft", run.directory, step, model, optimizers, tokenizer,
+                            {"data": batcher.state_dict(), "rng": rng_state(device)},
+                            {"source": run.source, "loop_state": loop_state, "user_config": user_config}, rank,
+                            keep=args.keep_checkpoints)
+
+    flops_per_token = model.estimate_flops()
+    peak = peak_flops(device)
     train_losses: dict[int, float] = {}
     val_losses: dict[int, float] = {}
+    timer = StepTimer(dist_info.device_type)
     step = start_step
     while True:
         last_step = step >= num_iterations
+        if last_step:  # on disk before the final evaluations, whatever happens in them
+            save(step)
         if last_step or due(args.eval_every, step):
-            val_loss = validation_loss()
-            val_losses[step] = val_loss
-            loop_state["val_loss"] = val_loss
-            loop_state["min_val_loss"] = min(val_loss, loop_state["min_val_loss"] or math.inf)
-            print0(f"step {step:05d} | validation loss {val_loss:.4f}")
-            get_report().log_metrics("chat_sft", {"step": step, "val_loss": val_loss})
-            wandb_run.log({"step": step, "val/loss": val_loss})
+            validation_loss(step)
         if last_step or due(args.eval_metrics_every, step):
-            accuracy = {name: run_categorical_eval(task, tokenizer, model, args.device_batch_size, len(task),
-                                                   autocast) for name, task in mc.items()}
-            loop_state["mc_accuracy"] = accuracy
-            print0(f"step {step:05d} | " + ", ".join(f"{name} accuracy {acc:.4f}" for name, acc in accuracy.items()))
-            get_report().log_metrics("chat_sft", {"step": step, **{f"{name} accuracy": acc
-                                                                   for name, acc in accuracy.items()}})
-            wandb_run.log({"step": step, **{f"mc/{name}": acc for name, acc in accuracy.items()}})
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            save_stage_checkpoint("sft", tag, step, model, optimizers, tokenizer,
-                                  {"data": batcher.state_dict(), "rng": rng_state(device)},
-                                  {"source": source, "loop_state": loop_state, "user_config": user_config}, rank)
+            multiple_choice_accuracy(step)
+        if not last_step and step > start_step and due(args.save_every, step):
+            save(step)
         if last_step:
             break
 
-        t0 = time.time()
+        timer.begin()
         micro_batches = [batcher.next_batch(args.device_batch_size, device) for _ in range(grad_accum_steps)]
-        lrm = 1.0 - step / num_iterations
-        set_lr_multiplier(optimizers, lrm)
-        train_loss = supervised_step(model, micro_batches, autocast)
+        lrm = lr_multiplier(step, num_iterations, warmdown_ratio=1.0)  # linear decay to zero
+        apply_schedule(optimizers, lrm, step)
+        train_loss = supervised_step(train_model, micro_batches, autocast)
         for optimizer in optimizers:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        if dist_info.device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
         step += 1
-
-        train_losses[step] = train_loss
-        loop_state["train_loss"] = train_loss
-        loop_state["training_time"] += dt
+        dt, counts = timer.end(step - start_step)
+        train_losses[step] = loop_state["train_loss"] = train_loss
+        loop_state["training_time"] += dt if counts else 0.0
+        tokens = sum(inputs.numel() for inputs, _ in micro_batches) * world_size
         supervised = sum(int((targets >= 0).sum()) for _, targets in micro_batches)
-        print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | "
-               f"supervised tokens/rank {supervised:,}")
+        print0(step_line(step, num_iterations, train_loss, lrm, dt, tokens, flops_per_token, peak, world_size,
+                         loop_state["training_time"], f"supervised tokens/rank {supervised:,}"))
         get_report().log_metrics("chat_sft", {"step": step, "train_loss": train_loss})
         wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm})
 
     stats = merge_stats(state["stats"] for state in gather_rank_states(batcher.state_dict()))
     get_report().log("Chat SFT", [
         user_config,
-        {"source model": f"{source['stage']} {source['tag']} step {source['step']}",
+        {"source model": f"{run.source['stage']} {run.source['tag']} step {run.source['step']}",
          "training mixture": {**train_sizes, "total": len(train_task)},
          "tasks left out": ", ".join(train_missing) or "none"},
         {"conversations trained on": stats.conversations, "conversations truncated": stats.truncated,
@@ -233,10 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
          "training time (min)": loop_state["training_time"] / 60},
     ])
     wandb_run.finish()
-    compute_cleanup()
     return {"train_losses": train_losses, "val_losses": val_losses, "mc_accuracy": loop_state["mc_accuracy"],
-            "tag": tag, "stats": stats}
+            "tag": run.tag, "stats": stats}
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

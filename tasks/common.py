@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import get_data_dir
+from nanochat.common import get_data_dir, print0
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -164,6 +164,37 @@ class TaskSequence(Task):
                 return task[index]
             index -= length
         raise IndexError(index)
+
+
+# -----------------------------------------------------------------------------
+# Loading the tasks of a mixture: a dataset that is not available is left out, loudly
+
+
+def load_tasks(factories: dict[str, Callable[[], object]], purpose: str) -> tuple[dict[str, object], dict[str, str]]:
+    """Build each named task. One that cannot be loaded is left out with a warning naming it and why; the caller
+    decides whether what is left is enough. Returns (loaded tasks by name, reasons for the missing ones)."""
+    loaded: dict[str, object] = {}
+    missing: dict[str, str] = {}
+    for name, factory in factories.items():
+        try:
+            task = factory()
+        except TASK_LOAD_ERRORS as e:
+            missing[name] = f"{type(e).__name__}: {e}"
+            print0(f"WARNING: {purpose}: leaving out {name}, it could not be loaded ({missing[name]})")
+            continue
+        if len(task) == 0:
+            missing[name] = "it holds no conversations"
+            print0(f"WARNING: {purpose}: leaving out {name}, {missing[name]}")
+            continue
+        loaded[name] = task
+    return loaded, missing
+
+
+def require_tasks(loaded: dict[str, object], missing: dict[str, str], purpose: str) -> None:
+    if not loaded:
+        reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
+        raise RuntimeError(f"{purpose}: none of its datasets could be loaded ({reasons}). Point NANOCHAT_DATA_DIR "
+                           "at a data mirror that holds them, or run with network access to download them.")
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat import training
 from nanochat.checkpoint import find_last_step, load_checkpoint, meta_path
 from report import Report
 from scripts import base_loss, base_train
@@ -134,13 +135,13 @@ def test_a_batch_that_does_not_divide_fails_before_any_work(capsys):
 
 def test_lr_schedule_warms_up_holds_and_warms_down():
     def lrm(step):
-        return base_train.lr_multiplier(step, 100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
+        return training.lr_multiplier(step, 100, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.1)
 
     assert [lrm(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert lrm(10) == lrm(50) == lrm(80) == 1.0
     assert lrm(90) == pytest.approx(0.5 + 0.5 * 0.1)
     assert lrm(100) == pytest.approx(0.1)
-    assert base_train.muon_momentum(0) == 0.85 and base_train.muon_momentum(300) == base_train.muon_momentum(900)
+    assert training.muon_momentum(0) == 0.85 and training.muon_momentum(300) == training.muon_momentum(900)
 
 
 def test_base_loss_reports_train_and_val_bpb(uninterrupted_run, monkeypatch):

@@ -15,16 +15,13 @@ from nanochat.chat_data import (
     PackingStats,
     PaddedBatcher,
     collate_padded,
-    evaluate_loss,
-    load_tasks,
     merge_stats,
     render_for_training,
-    require_tasks,
-    supervised_step,
 )
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.training import evaluate_loss, supervised_step
 from tasks.arc import ARC
-from tasks.common import DatasetUnavailableError, MalformedDataError, TaskMixture
+from tasks.common import DatasetUnavailableError, MalformedDataError, TaskMixture, load_tasks, require_tasks
 from tasks.gsm8k import GSM8K
 from tasks.smoltalk import SmolTalk
 
