@@ -22,7 +22,8 @@ import time
 import torch
 
 from nanochat.common import autocast_context, autodetect_device_type, get_base_dir
-from nanochat.core_eval import evaluate_task, get_eval_bundle, load_core_tasks, load_task_data
+from nanochat.core_eval import evaluate_task
+from nanochat.eval_bundle import get_eval_bundle, load_core_tasks, load_task_data
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.tokenizer import Tokenizer
 

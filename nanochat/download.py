@@ -1,5 +1,5 @@
 """Fetching one file over http(s):// or file://, for the pretraining shards (nanochat/dataset.py) and the CORE eval
-bundle (nanochat/core_eval.py).
+bundle (nanochat/eval_bundle.py).
 
 Each attempt streams the body into a temporary file beside the destination, checks that it got as many bytes as the
 Content-Length promised, runs the caller's validation, and only then renames the file into place: the destination

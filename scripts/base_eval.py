@@ -29,8 +29,9 @@ from nanochat.common import (
     get_base_dir,
     print0,
 )
-from nanochat.core_eval import CORE_TASKS, CoreResult, evaluate_core, get_eval_bundle
+from nanochat.core_eval import CoreResult, evaluate_core
 from nanochat.engine import Engine
+from nanochat.eval_bundle import CORE_TASKS, get_eval_bundle
 from report import get_report
 
 SAMPLE_PROMPTS = [

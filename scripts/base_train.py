@@ -349,7 +349,7 @@ def fetch_core_bundle(master: bool):
     try:
         from nanochat.eval_bundle import get_eval_bundle
     except ImportError as e:
-        raise RunError(f"--core-metric-every needs nanochat.core_eval ({e}); pass --core-metric-every=-1") from e
+        raise RunError(f"--core-metric-every needs nanochat.eval_bundle ({e}); pass --core-metric-every=-1") from e
     bundle = get_eval_bundle() if master else None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -19,17 +19,12 @@ from torch import nn
 
 from nanochat import core_eval
 from nanochat.core_eval import (
-    CORE_TASKS,
     MIN_SHARED_PREFIX,
     ScoredSequences,
     centered_accuracy,
     crop_to_length,
-    download_eval_bundle,
     evaluate_core,
     evaluate_task,
-    get_eval_bundle,
-    load_core_tasks,
-    load_task_data,
     pack,
     prepare_items,
     render_prompts_lm,
@@ -39,6 +34,7 @@ from nanochat.core_eval import (
     score_items,
     shared_prefix_length,
 )
+from nanochat.eval_bundle import CORE_TASKS, download_eval_bundle, get_eval_bundle, load_core_tasks, load_task_data
 from nanochat.gpt import GPT, GPTConfig
 from tasks.common import MalformedDataError
 
