@@ -14,17 +14,29 @@
   with native bf16), timed once per process on CPUs.
 
 Under autocast (bf16) torch already calls oneDNN, and on GPUs cuBLAS, so the oneDNN paths step aside there.
-Every probe is cached per process; `describe()` prints what was chosen, for benchmarks and logs.
+Every probe is cached per process, and a choice that a timing makes is also kept per machine (`_timed_once`), so
+that every process computes with the same kernels; `describe()` prints what was chosen, for benchmarks and logs.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanochat.common import atomic_write_text, describe_cpu
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: each process keeps its own timing
+    fcntl = None
 
 
 def _has_onednn_ops() -> bool:
@@ -32,11 +44,10 @@ def _has_onednn_ops() -> bool:
 
 
 def _clearly_faster(candidate, baseline, margin: float, repeats: int = 7) -> bool:
-    """Whether `candidate` runs at least `margin` times as fast as `baseline` (medians of alternating runs).
-
-    The margin is wide on purpose: every process of a run must make the same choice, or a resumed run would
-    compute with other kernels than the run it continues (different rounding). The gaps that matter are wide
-    (oneDNN vs MKL on Zen 5: 2.4x; native vs emulated bf16: ~5x), the noise of a shared machine is not."""
+    """Whether `candidate` runs at least `margin` times as fast as `baseline` (medians of alternating runs). The
+    gaps worth taking are wide (oneDNN vs MKL on Zen 5: 2.4x; native vs emulated bf16: ~5x); a close call keeps
+    the plain op. A timing can still land either side of the margin (one thread of Zen 3: oneDNN 1.09-1.32x), so
+    callers go through `_timed_once`."""
     candidate(), baseline()  # warm-up: first calls allocate and pick kernels
     times: dict[str, list[float]] = {"candidate": [], "baseline": []}
     for _ in range(repeats):
@@ -46,6 +57,41 @@ def _clearly_faster(candidate, baseline, margin: float, repeats: int = 7) -> boo
             times[name].append(time.perf_counter() - start)
     median = {name: sorted(values)[repeats // 2] for name, values in times.items()}
     return median["candidate"] * margin < median["baseline"]
+
+
+def _kernel_cache() -> Path:
+    return Path(os.environ.get("NANOCHAT_KERNEL_CACHE") or Path.home() / ".cache" / "nanochat" / "kernels.json")
+
+
+def _timed_once(name: str, probe: Callable[[], bool]) -> bool:
+    """A choice that a timing makes, made once per machine: every process that computes with these kernels (the
+    ranks of a run, a resumed run, the next run) must make the same one, or a resumed run would round differently
+    from the run it continues. Kept in $NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat/kernels.json) under the
+    CPU, the torch version and the thread count; the first process to write a choice wins."""
+    key = f"{name} | {describe_cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = _kernel_cache()
+    try:
+        known = json.loads(path.read_text())
+        if key in known:
+            return bool(known[key])
+    except (OSError, ValueError):
+        pass
+    choice = probe()
+    if fcntl is None:
+        return choice
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # read-modify-write by one process at a time
+            try:
+                known = json.loads(path.read_text())
+            except (OSError, ValueError):
+                known = {}
+            choice = bool(known.setdefault(key, choice))
+            atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a read-only home: this process keeps its own timing
+    return choice
 
 
 @functools.cache
@@ -62,8 +108,8 @@ def onednn_training_matmuls() -> bool:
         return False
     if not torch.allclose(ours, F.linear(x, w), rtol=1e-4, atol=1e-3):
         return False
-    return _clearly_faster(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-                           lambda: F.linear(x, w), margin=1.25)
+    return _timed_once("onednn fp32 matmuls", lambda: _clearly_faster(
+        lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), lambda: F.linear(x, w), margin=1.25))
 
 
 def onednn_ready(*tensors: torch.Tensor) -> bool:
@@ -178,9 +224,11 @@ def _cpu_bf16_matmul_faster() -> bool:
     x32 = torch.randn(4, 256, 1024, generator=gen)
     x16 = x32.to(torch.bfloat16)
     try:
-        return _clearly_faster(lambda: torch.bmm(x16, x16.mT), lambda: torch.bmm(x32, x32.mT), margin=2.0, repeats=5)
+        torch.bmm(x16[:1, :8], x16[:1, :8].mT)
     except RuntimeError:
         return False
+    return _timed_once("bf16 newton-schulz", lambda: _clearly_faster(
+        lambda: torch.bmm(x16, x16.mT), lambda: torch.bmm(x32, x32.mT), margin=2.0, repeats=5))
 
 
 def newtonschulz_dtype(device: torch.device) -> torch.dtype:

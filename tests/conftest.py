@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the mirror of real data samples that sits beside the repo (see ../shared/data/README.md)
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_kernel_choices(tmp_path_factory):
+    """The kernels' timed choices, kept for the session in one file that every test's subprocess shares (as a
+    machine's processes share ~/.cache/nanochat/kernels.json), outside the user's home."""
+    os.environ["NANOCHAT_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "kernels.json")
 
 
 @pytest.fixture(autouse=True)
