@@ -298,10 +298,10 @@ class Engine:
                 return  # (the cache holds len(tokens) + step positions now; the next forward adds one)
             logits = self.model(torch.tensor(column, device=device)[:, None], kv_cache=cache)[:, -1]
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],
-                                                                                        list[list[int]]]:
-        """All samples to completion: (token lists, mask lists), each starting with the prompt (mask 0) and
-        without the stop token."""
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, keep_stop_token: bool = False,
+                       **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """All samples to completion: (token lists, mask lists), each starting with the prompt (mask 0), without
+        the stop token unless keep_stop_token (RL trains on it: the policy also learns when to stop)."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -311,7 +311,8 @@ class Engine:
                     continue
                 if token in self.special.stops and mask == 1:
                     done[row] = True
-                    continue
+                    if not keep_stop_token:
+                        continue
                 results[row].append(token)
                 masks[row].append(mask)
         return results, masks

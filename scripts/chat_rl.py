@@ -106,18 +106,10 @@ def sample_completions(engine: Engine, prompt: list[int], num_samples: int, max_
     """num_samples completions of the prompt as (ids, mask) over prompt + completion: mask 0 on the prompt and on
     the tool output the engine forced in, 1 on every token the model sampled, including the token that ended the
     sample (so the policy also learns when to stop)."""
-    stops = engine.special.stops
-    completions: list[tuple[list[int], list[int]]] = [([], []) for _ in range(num_samples)]
-    finished = [False] * num_samples
-    for column, masks in engine.generate(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                         temperature=temperature, top_k=top_k or None, seed=seed):
-        for row, (token, mask) in enumerate(zip(column, masks)):
-            if finished[row]:
-                continue
-            completions[row][0].append(token)
-            completions[row][1].append(mask)
-            finished[row] = mask == 1 and token in stops
-    return [(prompt + ids, [0] * len(prompt) + mask) for ids, mask in completions]
+    results, masks = engine.generate_batch(prompt, num_samples=num_samples, keep_stop_token=True,
+                                           max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                           seed=seed)
+    return list(zip(results, masks, strict=True))
 
 
 def completion_text(engine: Engine, ids: list[int], prompt_length: int) -> str:
