@@ -20,7 +20,8 @@ def sum_across_ranks(*values: int, device: torch.device) -> list[int]:
 def run_categorical_eval(task, tokenizer, model, batch_size: int, num_problems: int, autocast) -> float:
     """Accuracy of the letter with the highest logit at the last prompt position; only the letters on offer
     compete. Prompts are right-padded into batches (causal attention never sees the padding)."""
-    _, rank, _, world_size = get_dist_info()
+    ranks = get_dist_info()
+    rank, world_size = ranks.rank, ranks.world_size
     device = model.get_device()
     pad_id = tokenizer.get_bos_token_id()
     letter_ids: dict[str, int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import platform
 import sys
@@ -140,14 +141,15 @@ def autocast_context(device_type: str):
 # torch.distributed, from torchrun's environment
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistInfo:
+    """Where this process stands in the run: torchrun's ranks, and (once compute_init has chosen it) its device."""
     ddp: bool
     rank: int
     local_rank: int
     world_size: int
-    device: torch.device
-    device_type: str
+    device: torch.device | None = None
+    device_type: str | None = None
 
     @property
     def master(self) -> bool:
@@ -168,11 +170,11 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def get_dist_info() -> tuple[bool, int, int, int]:
-    """(ddp, rank, local_rank, world_size) as torchrun sets them; a plain process is rank 0 of 1."""
+def get_dist_info() -> DistInfo:
+    """The ranks as torchrun sets them (no device yet); a plain process is rank 0 of 1."""
     if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    return False, 0, 0, 1
+        return DistInfo(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    return DistInfo(False, 0, 0, 1)
 
 
 def keep_freed_memory() -> bool:
@@ -210,17 +212,17 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
     if device_type == "cpu":
         keep_freed_memory()
 
-    ddp, rank, local_rank, world_size = get_dist_info()
+    ranks = get_dist_info()
     if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
-    if ddp and not dist.is_initialized():
+    if ranks.ddp and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
         dist.barrier()
-    return DistInfo(ddp, rank, local_rank, world_size, device, device_type)
+    return dataclasses.replace(ranks, device=device, device_type=device_type)
 
 
 def compute_cleanup() -> None:
@@ -240,7 +242,7 @@ def compute_cleanup() -> None:
 
 
 def print0(*args, **kwargs) -> None:
-    if get_dist_info()[1] == 0:
+    if get_dist_info().master:
         print(*args, **kwargs)
 
 

@@ -34,9 +34,9 @@ class DistributedTokenLoader:
                  rank: int | None = None, world_size: int | None = None):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
-        _, env_rank, _, env_world_size = get_dist_info()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world_size if world_size is None else world_size
+        ranks = get_dist_info()
+        self.rank = ranks.rank if rank is None else rank
+        self.world_size = ranks.world_size if world_size is None else world_size
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.batch_size, self.seq_len = batch_size, seq_len

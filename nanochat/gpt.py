@@ -325,7 +325,7 @@ class GPT(nn.Module):
         The AdamW learning rates were tuned at width 768 and scale as 1/sqrt(width) (the logits' sensitivity to each
         embedding/unembedding entry grows with width). Muon's update is orthogonal, so its lr needs no width scaling.
         Every group records its "initial_lr" for the schedule."""
-        ddp = get_dist_info()[0]
+        ddp = get_dist_info().ddp
         width_scale = (self.config.n_embd / 768) ** -0.5
         adamw_groups = [
             {"params": list(self.lm_head.parameters()), "lr": unembedding_lr * width_scale},

@@ -142,5 +142,5 @@ class Report:
 
 def get_report() -> Report:
     """The report of the current run, under $NANOCHAT_BASE_DIR/report; writes only on rank 0."""
-    rank = get_dist_info()[1]
+    rank = get_dist_info().rank
     return Report(get_base_dir() / "report", enabled=rank == 0)

@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_generative_eval(task, tokenizer, engine: Engine, num_problems: int, args: argparse.Namespace,
                         autocast) -> float:
     """pass@num_samples: a problem is solved when any of its sampled completions is correct."""
-    _, rank, _, world_size = get_dist_info()
+    ranks = get_dist_info()
+    rank, world_size = ranks.rank, ranks.world_size
     passed, total, started = 0, 0, time.time()
     for i in range(rank, num_problems, world_size):
         conversation = task[i]
