@@ -109,11 +109,11 @@ gpu)
     [ "$NUM_GPUS" -gt 0 ] || die "NANOCHAT_SPEEDRUN_SCALE=gpu but no CUDA GPU is visible"
     DEPTH=20
     VOCAB_SIZE=65536
-    # Chinchilla: 20 tokens per parameter; a shard holds ~250M characters at ~4.8 characters per token,
-    # +10% slack and +1 for the validation shard. Parameters ~ 12*L*d^2 (blocks) + 2*V*d (untied embeddings).
+    # Chinchilla: 20 tokens per parameter (the model's exact count, from nanochat/gpt.py); a shard holds ~250M
+    # characters at ~4.8 characters per token, +10% slack and +1 for the validation shard.
     NUM_SHARDS=$("$PY" -c "
-d = 64 * $DEPTH
-params = 12 * $DEPTH * d * d + 2 * $VOCAB_SIZE * d
+from nanochat.gpt import model_config_from_depth, parameter_count
+params = parameter_count(model_config_from_depth($DEPTH, $VOCAB_SIZE, 2048))
 print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")
     # 32 sequences of 2048 tokens fit an 80GB GPU at depth 20; halve per halving of memory. The total batch
     # stays fixed (the training script accumulates gradients), so a smaller GPU is slower, not different.
@@ -217,14 +217,15 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# checkpoint_dir STAGE -> where that training stage writes its checkpoints (empty for stages that do not train)
+# checkpoint_dir STAGE -> where that training stage writes its checkpoints (empty for stages that do not train),
+# as nanochat/checkpoint.py defines it
+declare -A CHECKPOINT_DIRS
+eval "$("$PY" -c "from nanochat.checkpoint import CHECKPOINT_DIRS as dirs
+for script, stage in {'base_train': 'base', 'mid_train': 'mid', 'chat_sft': 'sft', 'chat_rl': 'rl'}.items():
+    print(f'CHECKPOINT_DIRS[{script}]={dirs[stage]}')")"
 checkpoint_dir() {
-    case "$1" in
-    base_train) echo "$NANOCHAT_BASE_DIR/base_checkpoints" ;;
-    mid_train) echo "$NANOCHAT_BASE_DIR/mid_checkpoints" ;;
-    chat_sft) echo "$NANOCHAT_BASE_DIR/chatsft_checkpoints" ;;
-    chat_rl) echo "$NANOCHAT_BASE_DIR/chatrl_checkpoints" ;;
-    esac
+    [ -n "${CHECKPOINT_DIRS[$1]:-}" ] && echo "$NANOCHAT_BASE_DIR/${CHECKPOINT_DIRS[$1]}"
+    return 0
 }
 
 # has_partial_checkpoint STAGE: a checkpoint written since this run first started the stage (older ones belong

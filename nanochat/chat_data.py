@@ -18,6 +18,10 @@ import torch
 
 from nanochat.tokenizer import Tokenizer
 
+# What padded rows are filled with: any token does (padding is never a target), this one is already in every
+# vocabulary and ends a reply, so a padded row reads as a finished conversation.
+PAD_TOKEN = "<|assistant_end|>"
+
 # -----------------------------------------------------------------------------
 # A resumable walk over a task: rank r of w takes conversations r, r + w, r + 2w, ... and wraps into new epochs
 
@@ -203,7 +207,7 @@ class PaddedBatcher:
         self.stream = stream
         self.tokenizer = tokenizer
         self.max_tokens = max_seq_len + 1
-        self.pad_id = tokenizer.encode_special("<|assistant_end|>")
+        self.pad_id = tokenizer.encode_special(PAD_TOKEN)
         self.stats = PackingStats()
         if state is not None:
             self.stream.position = state["position"]

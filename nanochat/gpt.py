@@ -53,6 +53,13 @@ def model_config_from_depth(depth: int, vocab_size: int, sequence_len: int) -> G
                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
 
 
+def parameter_count(config: GPTConfig) -> int:
+    """The model's exact number of parameters, counted on the meta device (no memory is allocated): what a token
+    budget in tokens per parameter is sized from, before any model exists."""
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
 # Dense bf16 peak FLOP/s (no sparsity) of one GPU, from the vendors' datasheets: the denominator of MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
               "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}

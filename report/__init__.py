@@ -18,20 +18,25 @@ from typing import Any
 
 from nanochat.common import atomic_write_text, get_base_dir, get_dist_info
 
-# The sections a full run logs, in pipeline order; report.md shows them in this order and flags the missing ones.
-SECTIONS = [
-    "Tokenizer training",
-    "Tokenizer evaluation",
-    "Base model training",
-    "Base model loss",
-    "Base model evaluation",
-    "Midtraining",
-    "Chat evaluation mid",
-    "Chat SFT",
-    "Chat evaluation sft",
-    "Chat RL",
-    "Chat evaluation rl",
-]
+# The section each stage logs, named once here. A full run logs them all; report.md shows them in pipeline order
+# (SECTIONS) and flags the missing ones.
+TOKENIZER_TRAINING = "Tokenizer training"
+TOKENIZER_EVALUATION = "Tokenizer evaluation"
+BASE_TRAINING = "Base model training"
+BASE_LOSS = "Base model loss"
+BASE_EVALUATION = "Base model evaluation"
+MIDTRAINING = "Midtraining"
+CHAT_SFT = "Chat SFT"
+CHAT_RL = "Chat RL"
+
+
+def chat_evaluation(source: str) -> str:
+    """The section of scripts.chat_eval on the model of one stage ("mid", "sft", "rl")."""
+    return f"Chat evaluation {source}"
+
+
+SECTIONS = [TOKENIZER_TRAINING, TOKENIZER_EVALUATION, BASE_TRAINING, BASE_LOSS, BASE_EVALUATION, MIDTRAINING,
+            chat_evaluation("mid"), CHAT_SFT, chat_evaluation("sft"), CHAT_RL, chat_evaluation("rl")]
 
 HEADER_FILE = "header.json"
 

@@ -7,15 +7,15 @@ from datetime import datetime
 from pathlib import Path
 
 from nanochat.common import atomic_write_text
-from report import SECTIONS, Report, now_iso
+from report import BASE_EVALUATION, SECTIONS, Report, chat_evaluation, now_iso
 from report.plots import make_plots
 
 MISSING = "—"
 # (row label, key the evaluation logs) and (column label, section that holds that column's numbers)
 SUMMARY_METRICS = [("CORE", "CORE metric"), ("ARC-Easy", "ARC-Easy"), ("ARC-Challenge", "ARC-Challenge"),
                    ("MMLU", "MMLU"), ("GSM8K", "GSM8K"), ("HumanEval", "HumanEval"), ("ChatCORE", "ChatCORE metric")]
-SUMMARY_COLUMNS = [("BASE", "Base model evaluation"), ("MID", "Chat evaluation mid"),
-                   ("SFT", "Chat evaluation sft"), ("RL", "Chat evaluation rl")]
+SUMMARY_COLUMNS = [("BASE", BASE_EVALUATION), ("MID", chat_evaluation("mid")), ("SFT", chat_evaluation("sft")),
+                   ("RL", chat_evaluation("rl"))]
 # 8xH100 rents for about $24/hour; the report states this assumption next to the number.
 DEFAULT_GPU_HOUR_COST = 3.0
 

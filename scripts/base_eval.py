@@ -32,7 +32,7 @@ from nanochat.common import (
 from nanochat.core_eval import CoreResult, evaluate_core
 from nanochat.engine import Engine
 from nanochat.eval_bundle import CORE_TASKS, get_eval_bundle
-from report import get_report
+from report import BASE_EVALUATION, get_report
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         data: list[dict | str] = [summary, {label: value for label, value in result.centered.items()}]
         if samples:
             data.append({"Samples": samples})
-        get_report().log("Base model evaluation", data)
+        get_report().log(BASE_EVALUATION, data)
     compute_cleanup()
     return 0 if math.isfinite(result.core) else 1
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate(args: argparse.Namespace, dist_info) -> None:
-    from report import get_report
+    from report import BASE_LOSS, get_report
 
     device = dist_info.device
     autocast = autocast_context(dist_info.device_type)
@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace, dist_info) -> None:
             samples.append(tokenizer.decode(tokens[1:] + completion))
             print0(f"sample: {samples[-1]!r}")
 
-    get_report().log("Base model loss", [
+    get_report().log(BASE_LOSS, [
         {"model step": meta["step"], "tokens per split": steps * tokens_per_step},
         {"train bpb": bpb["train"], "val bpb": bpb["val"]},
         {"samples": samples},

@@ -55,6 +55,7 @@ from nanochat.training import (
     setup_optimizers,
     step_line,
 )
+from report import BASE_TRAINING, get_report
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -192,8 +193,6 @@ def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: i
 
 
 def train(args: argparse.Namespace, dist_info) -> None:
-    from report import get_report
-
     device, device_type, master = dist_info.device, dist_info.device_type, dist_info.master
     rank, world_size = dist_info.rank, dist_info.world_size
     resolve_device_defaults(args, device_type, world_size)
@@ -363,7 +362,7 @@ def log_report(args, report, loop: dict, counts: dict, flops_per_token: float, n
                    f"GiB reserved)" if device_type == "cuda" else "n/a")
     print0(f"done: min val bpb {loop['min_val_bpb']:.4f}, training time {loop['total_training_time'] / 60:.2f}m, "
            f"peak memory {peak_memory}")
-    report.log("Base model training", [
+    report.log(BASE_TRAINING, [
         {key: value for key, value in vars(args).items() if key != "run"},
         {"Number of parameters": counts["total"], "Number of FLOPs per token": f"{flops_per_token:e}",
          "Calculated number of iterations": num_iterations, "Number of training tokens": total_tokens,

@@ -21,7 +21,7 @@ from nanochat.categorical_eval import run_categorical_eval, sum_across_ranks
 from nanochat.checkpoint import load_model
 from nanochat.common import autocast_context, compute_cleanup, compute_init, get_dist_info, print0
 from nanochat.engine import Engine
-from report import get_report
+from report import chat_evaluation, get_report
 from tasks.arc import ARC
 from tasks.common import TASK_LOAD_ERRORS
 from tasks.gsm8k import GSM8K
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     data: list[dict | str] = [summary, results]
     if missing:
         data.append({"Missing tasks": missing})
-    get_report().log(f"Chat evaluation {args.source}", data)
+    get_report().log(chat_evaluation(args.source), data)
     compute_cleanup()
     return 0
 

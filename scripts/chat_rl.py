@@ -23,7 +23,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from nanochat.chat_data import ConversationStream, collate_padded
+from nanochat.chat_data import PAD_TOKEN, ConversationStream, collate_padded
 from nanochat.checkpoint import rng_state, set_rng_state
 from nanochat.common import (
     all_reduce_sum,
@@ -52,7 +52,7 @@ from nanochat.training import (
     setup_optimizers,
     step_line,
 )
-from report import get_report
+from report import CHAT_RL, get_report
 from tasks.gsm8k import GSM8K
 
 # flags that define the run: --resume with different values would not continue the same run
@@ -207,7 +207,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     start_step = resumed.step if resumed else 0
     loop_state = resumed.meta["loop_state"] if resumed else {"reward": None, "pass_at_k": None, "training_time": 0.0}
     engine = Engine(model, tokenizer, require_confinement=False)  # weaker layers, warned, where no sandbox
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    pad_id = tokenizer.encode_special(PAD_TOKEN)
 
     if args.examples_per_step % world_size != 0:
         raise RunError(f"--examples-per-step={args.examples_per_step} must be a multiple of the number of ranks "
@@ -296,7 +296,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         wandb_run.log({"step": step, "reward": mean_reward, "loss": loss, "completion_length": mean_length})
 
     passk = loop_state["pass_at_k"]
-    get_report().log("Chat RL", [
+    get_report().log(CHAT_RL, [
         user_config,
         {"source model": f"{run.source['stage']} {run.source['tag']} step {run.source['step']}",
          "GSM8K train questions": len(train_task), "samples per question": args.num_samples},

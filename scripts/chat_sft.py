@@ -42,7 +42,7 @@ from nanochat.training import (
     step_line,
     supervised_step,
 )
-from report import get_report
+from report import CHAT_SFT, get_report
 from tasks.arc import ARC
 from tasks.common import TaskMixture, load_tasks, require_tasks
 from tasks.gsm8k import GSM8K
@@ -230,7 +230,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm})
 
     stats = merge_stats(state["stats"] for state in gather_rank_states(batcher.state_dict()))
-    get_report().log("Chat SFT", [
+    get_report().log(CHAT_SFT, [
         user_config,
         {"source model": f"{run.source['stage']} {run.source['tag']} step {run.source['step']}",
          "training mixture": {**train_sizes, "total": len(train_task)},

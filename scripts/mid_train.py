@@ -43,7 +43,7 @@ from nanochat.training import (
     step_line,
     supervised_step,
 )
-from report import get_report
+from report import MIDTRAINING, get_report
 from tasks.common import TaskMixture, load_tasks, require_tasks
 from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
@@ -237,7 +237,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
 
     # the report: what was trained on, what happened to it on the way into rows, where the losses ended
     packing = merge_stats(state["stats"] for state in gather_rank_states(packer.state_dict()))
-    get_report().log("Midtraining", [
+    get_report().log(MIDTRAINING, [
         user_config,
         {"source model": f"base {run.source['tag']} step {run.source['step']}",
          "training mixture": {**train_sizes, "total": len(train_task)},

@@ -15,7 +15,7 @@ import tiktoken
 from nanochat.common import get_base_dir
 from nanochat.dataset import iter_documents_batched
 from nanochat.tokenizer import Tokenizer
-from report import get_report
+from report import TOKENIZER_EVALUATION, get_report
 
 # -----------------------------------------------------------------------------
 # Genre samples: short real texts, embedded so the evaluation needs no download
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = {"vocab_size": tokenizer.get_vocab_size(), "fingerprint": tokenizer.fingerprint(),
                "compared_with": sorted(references) or "none (encodings unavailable)"}
-    get_report().log("Tokenizer evaluation", [summary, "Bytes per token (higher = better compression)\n\n" + table])
+    get_report().log(TOKENIZER_EVALUATION, [summary, "Bytes per token (higher = better compression)\n\n" + table])
 
 
 if __name__ == "__main__":

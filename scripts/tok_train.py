@@ -24,7 +24,7 @@ import torch
 from nanochat.common import atomic_torch_save, get_base_dir
 from nanochat.dataset import default_shard_dir, iter_documents_batched, list_shards
 from nanochat.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, Tokenizer
-from report import get_report
+from report import TOKENIZER_TRAINING, get_report
 
 INPUT_SUFFIXES = (".parquet", ".txt")
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Saved the tokenizer and {TOKEN_BYTES_FILE} to {tokenizer_dir}")
 
     text_token_bytes = token_bytes[token_bytes > 0].float()
-    get_report().log("Tokenizer training", [
+    get_report().log(TOKENIZER_TRAINING, [
         {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": args.vocab_size, "source": source},
         {
             "train_time_s": round(train_time, 2),
