@@ -25,6 +25,7 @@ import torch
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, prepare_for_serving
 from nanochat.gpt import GPT, model_config_from_depth
+from nanochat.kernels import describe_machine
 from nanochat.tokenizer import Tokenizer
 
 
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     # a prompt without special tokens, and greedy decoding of a fresh model never hits one either (checked below)
     prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     c = ours.config
+    print(describe_machine(device))
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {args.dtype}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
     print(f"shape: depth {c.n_layer}, width {c.n_embd}, heads {c.n_head}, vocab {c.vocab_size}; "

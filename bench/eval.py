@@ -25,6 +25,7 @@ from nanochat.common import autocast_context, autodetect_device_type, get_base_d
 from nanochat.core_eval import evaluate_task
 from nanochat.eval_bundle import get_eval_bundle, load_core_tasks, load_task_data
 from nanochat.gpt import GPT, model_config_from_depth
+from nanochat.kernels import describe_machine
 from nanochat.tokenizer import Tokenizer
 
 
@@ -86,6 +87,7 @@ def main() -> None:
     specs, missing = load_core_tasks(bundle)
     tasks = [(spec, load_task_data(bundle, spec)[:args.max_per_task]) for spec in specs]
     threads = torch.get_num_threads() if device_type == "cpu" else None
+    print(describe_machine(device_type))
     print(f"device {device_type}{f' ({threads} threads)' if threads else ''}, depth {args.depth} "
           f"({model.num_params() / 1e6:.1f}M params), vocab {tokenizer.get_vocab_size()}, {len(tasks)} tasks "
           f"({len(missing)} missing from the bundle), {args.max_per_task} items per task, batch {args.batch_size}")

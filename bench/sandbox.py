@@ -15,7 +15,7 @@ import statistics
 import time
 
 from nanochat import execution
-from nanochat.common import describe_cpu
+from nanochat.kernels import describe_machine
 
 
 def time_calls(run, calls: int) -> list[float]:
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.calls < 4:
         parser.error("--calls must be >= 4")
-    print(f"machine: {describe_cpu()}")
+    print(describe_machine())
     status = execution.confinement()  # probes by running a program: starts the worker where it can
     limits = execution._limits(5.0, 256 * 1024**2)
     confined = lambda: execution._run_confined("print(2+2)", limits, 1024)

@@ -32,6 +32,7 @@ from nanochat.batching import SamplingParams, Scheduler
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, prepare_for_serving
 from nanochat.gpt import GPT, model_config_from_depth
+from nanochat.kernels import describe_machine
 from nanochat.tokenizer import Tokenizer
 
 
@@ -143,6 +144,7 @@ def setup(args) -> Engine:
     device = torch.device(args.device_type or autodetect_device_type())
     engine = load_engine(args, device)
     c = engine.model.config
+    print(describe_machine(device))
     print(f"device {device}, threads {torch.get_num_threads()}, mode {args.mode}; model depth {c.n_layer}, width "
           f"{c.n_embd}, vocab {c.vocab_size}; {args.concurrency} chats x {args.max_tokens} tokens, "
           f"temperature {args.temperature}, top-k {args.top_k}", flush=True)

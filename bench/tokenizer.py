@@ -312,6 +312,9 @@ def main() -> None:
     pythons = {"ours": Path(sys.executable)}
     if set(args.trainers) - {"ours"}:
         pythons["rustbpe-0.1.0"] = pythons["hf"] = peers_python()
+    from nanochat.common import describe_cpu  # here: the workers run in the peers' venv, without nanochat
+
+    print(f"machine: CPU {describe_cpu()}")
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
     for vocab_size in args.vocab_sizes:

@@ -32,6 +32,7 @@ import torch
 
 from nanochat.common import autodetect_device_type, get_compute_dtype, keep_freed_memory
 from nanochat.gpt import GPT, model_config_from_depth, peak_flops
+from nanochat.kernels import describe_machine
 
 
 def build_ours(args, device):
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {"ours": ours, "llama": llama}
     c = ours[0].config
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    print(describe_machine(device))
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"dtype {dtype}, threads {torch.get_num_threads()}, {args.clock} clock, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")

@@ -244,3 +244,11 @@ def describe() -> str:
     return (f"CPU kernels: fp32 training matmuls via {'oneDNN' if onednn_training_matmuls() else 'MKL/default'}; "
             f"packed serving weights fp32={packable(torch.float32)} bf16={packable(torch.bfloat16)}; "
             f"Newton-Schulz in {str(newtonschulz_dtype(torch.device('cpu'))).removeprefix('torch.')}")
+
+
+def describe_machine(device: torch.device | str = "cpu") -> str:
+    """What every benchmark prints beside its figures: the GPU (if any), the CPU with its relevant ISA flags, and
+    the CPU fast paths this process chose."""
+    device = torch.device(device)
+    gpu = f"GPU {torch.cuda.get_device_name(device)}; " if device.type == "cuda" else ""
+    return f"machine: {gpu}CPU {describe_cpu()}; {describe()}"
