@@ -4,16 +4,13 @@ periodic validation (scripts.chat_sft) share, so both report the same number for
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import get_dist_info
+from nanochat.common import all_reduce_sum, get_dist_info
 
 
 def sum_across_ranks(*values: int, device: torch.device) -> list[int]:
-    totals = torch.tensor(values, dtype=torch.long, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return totals.tolist()
+    """Counts (passed, total) summed over the ranks."""
+    return all_reduce_sum(torch.tensor(values, dtype=torch.long, device=device)).tolist()
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.common import all_reduce_sum, get_dist_info
 from nanochat.eval_bundle import TaskSpec, load_core_tasks, load_task_data
 from nanochat.gpt import GPTConfig
 
@@ -334,17 +334,12 @@ def _max_len(model) -> int | None:
     return getattr(config, "sequence_len", None)
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def evaluate_task(model, tokenizer, data: Sequence[dict], spec: TaskSpec, device: torch.device | str,
                   batch_size: int = 32, max_batch_tokens: int | None = None, per_example: bool = False) -> float:
     """Accuracy on one task. Under torchrun each rank takes items rank, rank + world, ... and the per-item
     results are summed across ranks."""
-    rank, world_size = _dist_rank_world()
+    ranks = get_dist_info()
+    rank, world_size = ranks.rank, ranks.world_size
     indices = list(range(rank, len(data), world_size))
     items = prepare_items(tokenizer, data, indices, spec, _max_len(model))
     scores = score_items(model, items, device, tokenizer.get_bos_token_id(), batch_size, max_batch_tokens,
@@ -356,9 +351,7 @@ def evaluate_task(model, tokenizer, data: Sequence[dict], spec: TaskSpec, device
         else:
             losses = [mean_loss for mean_loss, _ in item_scores]
             correct_list[index] = float(losses.index(min(losses)) == data[index]["gold"])
-    correct = torch.tensor(correct_list, dtype=torch.float32, device=device)
-    if world_size > 1:
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    correct = all_reduce_sum(torch.tensor(correct_list, dtype=torch.float32, device=device))
     return correct.mean().item() if len(data) else float("nan")
 
 

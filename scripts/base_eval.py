@@ -27,6 +27,7 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     get_base_dir,
+    parse_script_args,
     print0,
 )
 from nanochat.core_eval import CoreResult, evaluate_core
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--bundle-url", default=None, help="where to download eval_bundle.zip from when it is absent")
     parser.add_argument("--sample-tokens", type=int, default=16, help="tokens per greedy sample (0: no samples)")
-    args = parser.parse_args(argv)
+    args = parse_script_args(parser, argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_per_task == 0 or args.max_per_task < -1:

@@ -15,6 +15,7 @@ from nanochat.common import (
     autodetect_device_type,
     compute_cleanup,
     compute_init,
+    parse_script_args,
     print0,
 )
 from nanochat.dataloader import DistributedTokenLoader
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequences per process per batch (default: the training run's)")
     parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per sample completion")
-    args = parser.parse_args(argv[1:] if argv and argv[0] == "--" else argv)
+    args = parse_script_args(parser, argv)
     if args.split_tokens < 1 or (args.device_batch_size is not None and args.device_batch_size < 1):
         parser.error("--split-tokens and --device-batch-size must be positive")
 

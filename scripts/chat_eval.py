@@ -19,7 +19,14 @@ import time
 
 from nanochat.categorical_eval import run_categorical_eval, sum_across_ranks
 from nanochat.checkpoint import load_model
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_dist_info, print0
+from nanochat.common import (
+    autocast_context,
+    compute_cleanup,
+    compute_init,
+    get_dist_info,
+    parse_script_args,
+    print0,
+)
 from nanochat.engine import Engine
 from report import chat_evaluation, get_report
 from tasks.arc import ARC
@@ -56,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="longest generated answer, in tokens")
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward pass (categorical)")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    args = parser.parse_args(argv)
+    args = parse_script_args(parser, argv)
     names = [name.strip() for name in args.task_name.split("|") if name.strip()]
     unknown = [name for name in names if name not in TASKS]
     if not names or unknown:

@@ -194,3 +194,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# A local HTTP server for the downloaders' tests
+
+
+@pytest.fixture
+def http_server():
+    """Serves `responses` in order (then repeats the last): each (status, body), or (status, body, content_length)
+    to promise more bytes than it sends (HTTP/1.0 closes the connection after the body, cutting it short).
+    Records the paths requested."""
+    import http.server
+    import threading
+
+    state = {"responses": [], "requests": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"].append(self.path)
+            status, body, *declared = state["responses"][min(len(state["requests"]), len(state["responses"])) - 1]
+            self.send_response(status)
+            self.send_header("Content-Length", str(declared[0] if declared else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/download"
+    yield state
+    server.shutdown()
+    server.server_close()

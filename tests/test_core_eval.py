@@ -4,12 +4,10 @@ centered accuracy and a full run over the mirror's 18 tasks."""
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import io
 import json
 import math
 import shutil
-import threading
 import zipfile
 from pathlib import Path
 
@@ -336,33 +334,6 @@ def bundle_zip(bundle: Path) -> bytes:
             if path.is_file():
                 archive.write(path, Path("eval_bundle") / path.relative_to(bundle))
     return buffer.getvalue()
-
-
-@pytest.fixture
-def http_server():
-    """Serves `responses` in order (then repeats the last): each (status, body). Records the paths requested."""
-    state = {"responses": [], "requests": []}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            state["requests"].append(self.path)
-            index = min(len(state["requests"]), len(state["responses"])) - 1
-            status, body = state["responses"][index]
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip"
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
 def test_download_retries_a_server_error_then_unpacks_atomically(small_bundle, http_server, tmp_path):

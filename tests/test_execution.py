@@ -223,6 +223,29 @@ def test_the_environment_and_proc_of_the_host_are_out_of_reach(monkeypatch):
         assert_no_leak(result, token)
 
 
+def test_every_introspection_route_to_the_guards_leads_only_to_the_kernels_limits(secret_file, tmp_path):
+    """Frames, importlib.reload, builtins: each reaches (and switches off) what lives in the interpreter; none
+    gets past the kernel."""
+    path, token = secret_file
+    marker = tmp_path / "pwned"
+    for route in (
+        # the runner's frame, from the program's own
+        ("import sys\nframe = sys._getframe()\nwhile frame.f_back: frame = frame.f_back\n"
+        "frame.f_globals['BLOCKED_EVENTS'].clear(); frame.f_globals['PATH_CHECKED_EVENTS'].clear()"),
+        # fresh modules in place of the patched ones
+        ("import importlib, os, _posixsubprocess\nimportlib.reload(os)\nsys_modules = __import__('sys').modules\n"
+        "sys_modules.pop('_posixsubprocess', None)\nimport _posixsubprocess"),
+        # builtins: an open() that bypasses the hook's view of its argument
+        "import builtins, io\nbuiltins.open = io.open",
+    ):
+        code = (route + f"\nimport os, subprocess\nprint(open({str(path)!r}).read())\n"
+                f"subprocess.run(['/bin/sh', '-c', 'touch {marker}'])\nos.fork()")
+        result = run(code)
+        assert not result.success, route
+        assert_no_leak(result, token)
+    assert not marker.exists()
+
+
 def test_no_process_can_be_created_by_any_route(tmp_path):
     marker = tmp_path / "pwned"
     touch = f"['/bin/sh', '-c', 'touch {marker}']"
