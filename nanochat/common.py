@@ -174,7 +174,7 @@ def get_dist_info() -> DistInfo:
     """This process's ranks (no device yet): the process group's once one is initialized (however it was), else as
     torchrun sets them in the environment; a plain process is rank 0 of 1."""
     if dist.is_available() and dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return DistInfo(True, dist.get_rank(), local_rank, dist.get_world_size())
     if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return DistInfo(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
