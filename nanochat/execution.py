@@ -290,6 +290,19 @@ atexit.register(_shutdown_worker)
 # Is the strong path available? Probed once per process, by running a program through it
 
 
+MIN_BWRAP_VERSION = (0, 8)
+
+
+def _bwrap_version() -> tuple[int, ...]:
+    """bubblewrap's version ("bubblewrap 0.8.0" -> (0, 8, 0)); () when it cannot say."""
+    try:
+        words = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=10,
+                               check=False).stdout.split()
+        return tuple(int(part) for part in words[-1].split("."))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return ()
+
+
 def _landlock_abi() -> int:
     import ctypes
 
@@ -305,6 +318,11 @@ def confinement() -> Confinement:
         return Confinement(False, f"kernel confinement needs Linux (this is {sys.platform})")
     if shutil.which("bwrap") is None:
         return Confinement(False, f"bubblewrap (bwrap) is not installed: {INSTALL_HINT}")
+    version = _bwrap_version()
+    if version < MIN_BWRAP_VERSION:
+        found = ".".join(map(str, version)) if version else "of unknown version"
+        return Confinement(False, f"bubblewrap {found} is too old: 0.8 or newer sizes the scratch tmpfs (--size); "
+                                  "install a newer bubblewrap (Debian 12, Ubuntu 24.04 and later ship one)")
     if not hasattr(os, "pidfd_open") or not hasattr(os, "memfd_create"):
         return Confinement(False, "this Python lacks os.pidfd_open/os.memfd_create (needs Python 3.9+ on Linux 5.3+)")
     if _landlock_abi() < 1:

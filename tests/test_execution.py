@@ -483,3 +483,9 @@ def test_without_confinement_served_callers_are_refused_and_others_warned(monkey
     assert execute_code("print(1)").success
     warnings = capsys.readouterr().err
     assert warnings.count("no kernel confinement") == 1 and "bwrap" in warnings
+
+
+def test_a_bubblewrap_too_old_to_size_the_scratch_space_is_named_as_the_reason(monkeypatch):
+    monkeypatch.setattr(execution, "_bwrap_version", lambda: (0, 6, 1))
+    status = execution.confinement.__wrapped__()  # the probe itself, not this process's cached answer
+    assert not status.strong and "bubblewrap 0.6.1 is too old" in status.reason and "--size" in status.reason
