@@ -1,0 +1,27 @@
+"""bench/gpu_check.sh, the one command a lent GPU runs, cannot rot between GPU runs: its CPU dry run (every part at
+toy sizes) passes here, and its summary has a line of figures and a verdict for every part."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data"
+
+
+def test_the_gpu_check_dry_run_passes_every_part(tmp_path):
+    env = {**os.environ, "NANOCHAT_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu-dry-run", str(tmp_path / "out")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert result.returncode == 0, summary + result.stderr[-2000:]
+    lines = summary.splitlines()
+    assert lines[0].startswith("machine: CPU ") and "dry run" in lines[0]
+    verdicts = {line.split(":")[0]: line.split(": ", 1)[1].split(" |")[0] for line in lines[1:]}
+    assert {part: verdicts[part] for part in ("speedrun", "serve", "base_train")} == {
+        "speedrun": "PASS", "serve": "PASS", "base_train": "PASS"}
+    assert verdicts["engine"] in ("PASS", "SKIP")  # SKIP: transformers, the peer, is not a project dependency
+    assert "11 stages" in summary and "step 00008/00008" in summary and "python tool 2**10 = 1024" in summary
+    assert (tmp_path / "out" / "report.md").is_file()  # the speedrun's report card lands in OUT, not the checkout
