@@ -489,3 +489,55 @@ def test_a_bubblewrap_too_old_to_size_the_scratch_space_is_named_as_the_reason(m
     monkeypatch.setattr(execution, "_bwrap_version", lambda: (0, 6, 1))
     status = execution.confinement.__wrapped__()  # the probe itself, not this process's cached answer
     assert not status.strong and "bubblewrap 0.6.1 is too old" in status.reason and "--size" in status.reason
+
+
+def test_the_sandbox_holds_for_an_ordinary_user_too(tmp_path):
+    """The same sandbox run by an unprivileged user (uid 65534, with Debian's own python3, whose files that user can
+    read): a user namespace stands in for root's capabilities, and the planted secret, which that user could read
+    outside, stays out of reach."""
+    import json
+    import shutil
+    import stat
+    import subprocess
+    import tempfile
+
+    python, setpriv = shutil.which("python3", path="/usr/bin:/bin"), shutil.which("setpriv")
+    if os.geteuid() != 0 or python is None or setpriv is None:
+        pytest.skip("needs root (to become another user), setpriv and a system python3")
+    world = Path(tempfile.mkdtemp(prefix="nanochat-user-test-", dir="/tmp"))
+    try:
+        package = world / "nanochat"
+        package.mkdir()
+        for name in ("execution.py", "sandbox_worker.py"):
+            shutil.copy(REPO_ROOT / "nanochat" / name, package / name)
+        (package / "__init__.py").write_text("")
+        token = secrets.token_hex(16)
+        (world / "secret.txt").write_text(token)
+        for path in (world, package, *package.iterdir(), world / "secret.txt"):
+            path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | (0o055 if path.is_dir() else 0))
+        script = f"""
+import json, sys
+sys.path.insert(0, {str(world)!r})
+from nanochat import execution
+status = execution.confinement()
+runs = [execution.execute_code(code) for code in (
+    "import os; print(os.getuid(), 2 + 2)",
+    "print(open({str(world / 'secret.txt')!r}).read())",
+    "import posix; posix.fork()",
+    "import socket; socket.socket()",
+)]
+print(json.dumps({{"strong": status.strong, "reason": status.reason,
+                  "runs": [[r.success, r.stdout, r.stderr] for r in runs]}}))
+"""
+        result = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
+                                 script], capture_output=True, text=True, timeout=120, check=False, cwd=world,
+                                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["strong"], report["reason"]
+        (ok, out, _), *attacks = report["runs"]
+        assert ok and out == "65534 4\n"
+        for success, out, err in attacks:
+            assert not success and token not in out + err
+    finally:
+        shutil.rmtree(world, ignore_errors=True)
