@@ -201,13 +201,13 @@ class Tokenizer:
         A leading system message is merged into the first user message. Truncated to max_tokens."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        ids, mask = self._render(_validate_conversation(conversation))
+        ids, mask = self._render(validate_conversation(conversation))
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list[int]:
         """A prompt for the assistant's next turn: the conversation without its final assistant message (if it has
         one), ending with <|assistant_start|>."""
-        messages = _validate_conversation(conversation)
+        messages = validate_conversation(conversation)
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         ids, _mask = self._render(messages)
@@ -254,7 +254,7 @@ class Tokenizer:
 PART_TYPES = ("text", "python", "python_output")
 
 
-def _validate_conversation(conversation: dict) -> list[dict]:
+def validate_conversation(conversation: dict) -> list[dict]:
     """The messages to render: checked, with a leading system message merged into the first user message.
     Raises ValueError naming the offending message index and the fix."""
     messages = conversation.get("messages") if isinstance(conversation, dict) else None

@@ -47,6 +47,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.common import all_reduce_sum, get_base_dir, print0
 from nanochat.tokenizer import Tokenizer, get_tokenizer
+from tasks.common import MalformedDataError
 
 
 class RunError(ValueError):
@@ -54,7 +55,7 @@ class RunError(ValueError):
     names the fix."""
 
 
-BOUNDARY_ERRORS = (RunError, CheckpointError, FileNotFoundError)
+BOUNDARY_ERRORS = (RunError, CheckpointError, FileNotFoundError, MalformedDataError)
 
 # -----------------------------------------------------------------------------
 # Flags

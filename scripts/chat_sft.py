@@ -45,6 +45,7 @@ from nanochat.training import (
 from report import CHAT_SFT, get_report
 from tasks.arc import ARC
 from tasks.common import TaskMixture, load_tasks, require_tasks
+from tasks.custom import add_conversation_arguments, check_conversation_arguments, custom_tasks
 from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
 from tasks.smoltalk import SmolTalk
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
     add_run_arguments(parser, "SFT")
     add_source_arguments(parser)
+    add_conversation_arguments(parser)
     add_optimizer_arguments(parser, init_lr_frac=0.02)
     # batch
     parser.add_argument("--max-seq-len", type=int, default=2048,
@@ -88,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num-iterations must be >= 1, or -1 for one pass over the mixture")
     check_every_flags(parser, args, "eval_every", "eval_metrics_every", "save_every")
     check_run_arguments(parser, args)
+    check_conversation_arguments(parser, args)
     return args
 
 
@@ -95,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The data
 
 
-def train_mixture() -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
+def train_mixture(custom: dict[str, object], mix: str) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
     factories = {
         "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="train"),  # 2.3K rows upstream
         "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="train"),  # 1.1K
@@ -104,7 +107,8 @@ def train_mixture() -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
         "identity": lambda: IdentityConversations(size=1000),
         "SpellingBee": lambda: SpellingBee(size=300, split="train"),  # keeps the skill midtraining taught
     }
-    tasks, missing = load_tasks(factories, "SFT mixture")
+    tasks, missing = load_tasks(factories if mix == "default" else {}, "SFT mixture")
+    tasks.update(custom)  # --conversations, already checked line by line
     require_tasks(tasks, missing, "SFT mixture")
     return TaskMixture(list(tasks.values())), {name: len(task) for name, task in tasks.items()}, missing
 
@@ -138,6 +142,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     user_config = vars(args).copy()
     wandb_run = get_wandb(args.run, "nanochat-sft", user_config, master)
 
+    custom = custom_tasks(args.conversations)  # a bad line stops the run here, before anything is touched
     run = open_chat_run("sft", args.source, args, RUN_DEFINING_FLAGS, dist_info)
     model, tokenizer, resumed = run.model, run.tokenizer, run.resumed
     start_step = resumed.step if resumed else 0
@@ -153,7 +158,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     grad_accum_steps = args.examples_per_step // rows_per_micro_batch
     optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
 
-    train_task, train_sizes, train_missing = train_mixture()
+    train_task, train_sizes, train_missing = train_mixture(custom, args.mix)
     val_task = SmolTalk(split="test")
     mc = mc_tasks(args.eval_metrics_max_problems)
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step

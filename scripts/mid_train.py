@@ -45,6 +45,7 @@ from nanochat.training import (
 )
 from report import MIDTRAINING, get_report
 from tasks.common import TaskMixture, load_tasks, require_tasks
+from tasks.custom import add_conversation_arguments, check_conversation_arguments, custom_tasks
 from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
 from tasks.mmlu import MMLU
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Midtrain a base model on a mixture of conversation tasks")
     add_run_arguments(parser, "midtraining")
     add_source_arguments(parser)
+    add_conversation_arguments(parser)
     add_optimizer_arguments(parser, init_lr_frac=1.0)
     # batch
     parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per row")
@@ -87,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmdown-ratio must be in [0, 1]")
     check_every_flags(parser, args, "eval_every", "save_every")
     check_run_arguments(parser, args)
+    check_conversation_arguments(parser, args)
     return args
 
 
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The mixtures
 
 
-def train_mixture() -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
+def train_mixture(custom: dict[str, object], mix: str) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
     """(mixture, sizes of the tasks in it, reasons for the tasks left out)."""
     factories = {
         "SmolTalk": lambda: SmolTalk(split="train"),  # general conversations (460K rows upstream)
@@ -103,7 +106,8 @@ def train_mixture() -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
         "identity": lambda: IdentityConversations(size=1000),  # who the assistant is
         "SpellingBee": lambda: SpellingBee(size=80000, split="train"),  # counting letters with a tool check
     }
-    tasks, missing = load_tasks(factories, "midtraining mixture")
+    tasks, missing = load_tasks(factories if mix == "default" else {}, "midtraining mixture")
+    tasks.update(custom)  # --conversations, already checked line by line
     require_tasks(tasks, missing, "midtraining mixture")
     return TaskMixture(list(tasks.values())), {name: len(task) for name, task in tasks.items()}, missing
 
@@ -143,6 +147,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     user_config = vars(args).copy()
     wandb_run = get_wandb(args.run, "nanochat-mid", user_config, master)
 
+    custom = custom_tasks(args.conversations)  # a bad line stops the run here, before anything is touched
     run = open_chat_run("mid", "base", args, RUN_DEFINING_FLAGS, dist_info)
     model, tokenizer, resumed = run.model, run.tokenizer, run.resumed
     start_step = resumed.step if resumed else 0
@@ -163,7 +168,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
 
     # data
-    train_task, train_sizes, train_missing = train_mixture()
+    train_task, train_sizes, train_missing = train_mixture(custom, args.mix)
     val_task, val_sizes, val_missing = val_mixture()
     print0(f"training mixture: {len(train_task):,} conversations ({train_sizes}); validation: {len(val_task):,}")
     packer = ConversationPacker(ConversationStream(train_task, rank, world_size), tokenizer, args.max_seq_len,

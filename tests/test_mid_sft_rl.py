@@ -211,7 +211,7 @@ def test_midtraining_runs_under_torchrun_and_resuming_needs_the_same_number_of_r
 # Losses fall on tiny overfit sets
 
 
-def tiny_mixture():
+def tiny_mixture(*_mixture_args):
     """Four identity conversations: every step sees the same rows, so the loss must fall."""
     task = TaskMixture([IdentityConversations(size=4)])
     return task, {"identity": len(task)}, {}
