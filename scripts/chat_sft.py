@@ -98,13 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The data
 
 
-def train_mixture(custom: dict[str, object], mix: str) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
+def train_mixture(custom: dict[str, object], mix: str,
+                  identity: str | None = None) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
     factories = {
         "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="train"),  # 2.3K rows upstream
         "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="train"),  # 1.1K
         "GSM8K": lambda: GSM8K(subset="main", split="train"),  # 8K
         "SmolTalk": lambda: SmolTalk(split="train", stop=10_000),  # 10K of the 460K
-        "identity": lambda: IdentityConversations(size=1000),
+        "identity": lambda: IdentityConversations(size=1000, identity=identity),
         "SpellingBee": lambda: SpellingBee(size=300, split="train"),  # keeps the skill midtraining taught
     }
     tasks, missing = load_tasks(factories if mix == "default" else {}, "SFT mixture")
@@ -158,7 +159,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     grad_accum_steps = args.examples_per_step // rows_per_micro_batch
     optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
 
-    train_task, train_sizes, train_missing = train_mixture(custom, args.mix)
+    train_task, train_sizes, train_missing = train_mixture(custom, args.mix, args.identity)
     val_task = SmolTalk(split="test")
     mc = mc_tasks(args.eval_metrics_max_problems)
     num_iterations = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step

@@ -97,13 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The mixtures
 
 
-def train_mixture(custom: dict[str, object], mix: str) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
+def train_mixture(custom: dict[str, object], mix: str,
+                  identity: str | None = None) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
     """(mixture, sizes of the tasks in it, reasons for the tasks left out)."""
     factories = {
         "SmolTalk": lambda: SmolTalk(split="train"),  # general conversations (460K rows upstream)
         "MMLU auxiliary_train": lambda: MMLU(subset="auxiliary_train", split="train"),  # multiple choice, 100K
         "GSM8K": lambda: GSM8K(subset="main", split="train"),  # math with calculator tool calls, 8K
-        "identity": lambda: IdentityConversations(size=1000),  # who the assistant is
+        "identity": lambda: IdentityConversations(size=1000, identity=identity),  # who the assistant is
         "SpellingBee": lambda: SpellingBee(size=80000, split="train"),  # counting letters with a tool check
     }
     tasks, missing = load_tasks(factories if mix == "default" else {}, "midtraining mixture")
@@ -168,7 +169,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
 
     # data
-    train_task, train_sizes, train_missing = train_mixture(custom, args.mix)
+    train_task, train_sizes, train_missing = train_mixture(custom, args.mix, args.identity)
     val_task, val_sizes, val_missing = val_mixture()
     print0(f"training mixture: {len(train_task):,} conversations ({train_sizes}); validation: {len(val_task):,}")
     packer = ConversationPacker(ConversationStream(train_task, rank, world_size), tokenizer, args.max_seq_len,

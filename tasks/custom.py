@@ -16,6 +16,7 @@ from typing import Any
 
 from nanochat.tokenizer import validate_conversation
 from tasks.common import MalformedDataError, Task
+from tasks.identity import load_identity
 
 
 def read_conversations(path: Path) -> list[dict]:
@@ -60,11 +61,19 @@ def add_conversation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="your own conversations (repeatable), WEIGHT times in the mixture (default 1)")
     parser.add_argument("--mix", choices=["default", "none"], default="default",
                         help="keep the built-in mixture beside your conversations (default) or train on yours alone")
+    parser.add_argument("--identity", default=None, metavar="FILE.json",
+                        help="who the model says it is: identity templates of tasks/identity.json's shape (default: "
+                             "that file, nanochat's own)")
 
 
 def check_conversation_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.mix == "none" and not args.conversations:
         parser.error("--mix none trains on your conversations alone: give at least one --conversations FILE.jsonl")
+    if args.identity is not None:
+        try:
+            load_identity(Path(args.identity))
+        except (MalformedDataError, FileNotFoundError) as e:
+            parser.error(str(e))
 
 
 def custom_tasks(files: list[tuple[str, int]]) -> dict[str, CustomConversations]:

@@ -86,3 +86,20 @@ def test_flags_name_their_fix(capsys):
         with pytest.raises(SystemExit):
             chat_sft.parse_args(bad)
     assert "at least one --conversations" in capsys.readouterr().err
+
+
+def test_the_models_identity_comes_from_a_file(tmp_path, capsys):
+    from tasks.identity import DEFAULT_IDENTITY, IdentityConversations
+
+    templates = json.loads(DEFAULT_IDENTITY.read_text())
+    templates["introductions"] = ["I am Zed, an assistant made by Acme Labs."]
+    mine = tmp_path / "identity.json"
+    mine.write_text(json.dumps(templates))
+    replies = [IdentityConversations(size=20, identity=mine)[i]["messages"][1]["content"] for i in range(20)]
+    assert all(reply.startswith("I am Zed, an assistant made by Acme Labs.") for reply in replies)
+    assert chat_sft.parse_args([f"--identity={mine}"]).identity == str(mine)
+    del templates["questions"]
+    mine.write_text(json.dumps(templates))
+    with pytest.raises(SystemExit):
+        chat_sft.parse_args([f"--identity={mine}"])
+    assert "'questions' must be a non-empty list" in capsys.readouterr().err
