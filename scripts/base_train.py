@@ -1,4 +1,4 @@
-"""Pretrain the base model: a GPT of --depth layers on FineWeb-Edu shards, compute-optimally.
+"""Pretrain the base model: a GPT of --depth layers on FineWeb-Edu shards (or your text, --data), compute-optimally.
 
     python -m scripts.base_train --depth=4                                     # one process (CPU, MPS or a GPU)
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20   # 8 GPUs
@@ -10,6 +10,9 @@ gradient accumulation over --device-batch-size x --max-seq-len tokens on each of
 Checkpoints (every --save-every steps and at the end) go to $NANOCHAT_BASE_DIR/base_checkpoints/<--model-tag>/;
 `--resume` continues from the last one exactly: model, optimizers, data position, step, RNG and logging state, so the
 losses are those of an uninterrupted run.
+
+--data PATH trains on your own text instead: a shard directory, .jsonl or .txt files (nanochat/own_data.py), the last
+file the validation split unless --val-data names it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -35,6 +39,7 @@ from nanochat.common import (
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.gpt import model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.own_data import prepare_own_data
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
     RunError,
@@ -64,7 +69,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
 # flags that define the run: --resume with different values would not continue the same run
 RUN_DEFINING_FLAGS = ["depth", "max_seq_len", "device_batch_size", "total_batch_size", "num_iterations", "target_flops",
                       "target_param_data_ratio", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
-                      "warmup_ratio", "warmdown_ratio", "final_lr_frac"]
+                      "warmup_ratio", "warmdown_ratio", "final_lr_frac", "data", "val_data"]
 
 
 # -----------------------------------------------------------------------------
@@ -74,6 +79,11 @@ RUN_DEFINING_FLAGS = ["depth", "max_seq_len", "device_batch_size", "total_batch_
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, "pretraining")
+    # the text (default: the FineWeb-Edu shards)
+    parser.add_argument("--data", default=None, help="your own text: a directory of parquet shards, .jsonl files "
+                                                     "({\"text\": ...} per line) or .txt files (one document each)")
+    parser.add_argument("--val-data", default=None, help="the validation text, in the same forms (default: the last "
+                                                         "file of --data)")
     # the model
     parser.add_argument("--depth", type=int, default=20, help="number of layers; width and heads follow")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 512 else)")
@@ -127,6 +137,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.num_iterations == -1 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         parser.error("no token budget: give --num-iterations, --target-flops or a positive --target-param-data-ratio")
     check_every_flags(parser, args, "eval_every", "sample_every", "save_every", "core_metric_every")
+    if args.val_data is not None and args.data is None:
+        parser.error("--val-data needs --data: the FineWeb shards bring their own validation shard")
+    # absolute, so that a resume from another directory names the same data
+    args.data, args.val_data = (str(Path(path).expanduser().resolve()) if path is not None else None
+                                for path in (args.data, args.val_data))
     check_run_arguments(parser, args)
 
 
@@ -206,6 +221,7 @@ def train(args: argparse.Namespace, dist_info) -> None:
                        f"= {tokens_per_micro_step}")
     grad_accum_steps = args.total_batch_size // tokens_per_micro_step
     core_bundle = fetch_core_bundle(master) if args.core_metric_every > 0 else None
+    data_dir = prepare_data_dir(args, master)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
@@ -238,7 +254,8 @@ def train(args: argparse.Namespace, dist_info) -> None:
         return
 
     train_loader = DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
-                                          resume_state=resumed.rank_state["dataloader"] if resumed else None)
+                                          resume_state=resumed.rank_state["dataloader"] if resumed else None,
+                                          data_dir=data_dir)
     loader_state = train_loader.state_dict()  # the position of the batch fetched next: what a checkpoint saves
     inputs, targets = next(train_loader)
 
@@ -249,7 +266,8 @@ def train(args: argparse.Namespace, dist_info) -> None:
 
     def evaluate(step: int) -> None:
         flops_so_far = flops_per_token * args.total_batch_size * step
-        val_loader = DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device)
+        val_loader = DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device,
+                                            data_dir=data_dir)
         model.eval()
         with autocast:
             val_bpb = evaluate_bpb(model, val_loader, max(1, args.eval_tokens // tokens_per_micro_step), token_bytes)
@@ -353,6 +371,17 @@ def fetch_core_bundle(master: bool):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return bundle or get_eval_bundle()
+
+
+def prepare_data_dir(args: argparse.Namespace, master: bool) -> Path | None:
+    """The shard directory of --data (None: FineWeb's), converted once by rank 0 (the others wait, then find it)."""
+    if args.data is None:
+        return None
+    val_data = Path(args.val_data) if args.val_data is not None else None
+    data_dir = prepare_own_data(Path(args.data), val_data, log=print0) if master else None
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return data_dir or prepare_own_data(Path(args.data), val_data, log=print0)
 
 
 def log_report(args, report, loop: dict, counts: dict, flops_per_token: float, num_iterations: int,

@@ -4,7 +4,8 @@
     python -m scripts.tok_train --max-chars 1e7 --vocab-size 4096 --input notes.txt books/
 
 Text comes from the pretraining shards' train split (the last shard is validation and never seen), from
-another shard directory (--data-dir), or from any files (--input): parquet with a text column, or .txt
+another shard directory (--data-dir), from the train split of your own pretraining text (--data, as base_train
+reads it: nanochat/own_data.py), or from any files (--input): parquet with a text column, or .txt
 (one document per blank-line-separated paragraph). Each document is cropped to --doc-cap characters so a few
 huge documents cannot dominate the pair counts.
 """
@@ -23,6 +24,7 @@ import torch
 
 from nanochat.common import atomic_torch_save, get_base_dir
 from nanochat.dataset import default_shard_dir, iter_documents_batched, list_shards
+from nanochat.own_data import prepare_own_data
 from nanochat.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, Tokenizer
 from report import TOKENIZER_TRAINING, get_report
 
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "validation); default: the mirror's or $NANOCHAT_BASE_DIR/base_data")
     text_source.add_argument("--input", type=Path, nargs="+",
                         help="parquet files (with --text-column), .txt files, or directories of them")
+    text_source.add_argument("--data", type=Path,
+                        help="your own pretraining text, as base_train --data takes it (its last file is left out "
+                             "as validation)")
     parser.add_argument("--text-column", default="text", help="the parquet column holding the text of --input")
     args = parser.parse_args(argv)
 
@@ -70,9 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         if args.input is not None:
             args.input = resolve_input_files(args.input, args.text_column)
+        elif args.data is not None:
+            args.data = prepare_own_data(args.data)  # the shard directory, converted once and cached
         else:
             check_shards(args.data_dir)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return args
 
@@ -179,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         source = f"{len(args.input)} input file(s) ({names})"
         batches = iter_file_documents(args.input, args.text_column)
     else:
-        source = f"the train split of {args.data_dir or default_shard_dir()}"
-        batches = iter_documents_batched("train", data_dir=args.data_dir)
+        data_dir = args.data or args.data_dir
+        source = f"the train split of {data_dir or default_shard_dir()}"
+        batches = iter_documents_batched("train", data_dir=data_dir)
     print(f"Training a {args.vocab_size}-token tokenizer on up to {args.max_chars:,} chars from {source} "
           f"(documents cropped to {args.doc_cap:,} chars)")
 
