@@ -273,8 +273,9 @@ def setup_optimizers(model, args: argparse.Namespace, states: list[dict] | None 
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * scale
-    for optimizer, state in zip(optimizers, states or [], strict=False):
-        optimizer.load_state_dict(state)
+    if states is not None:
+        for optimizer, state in zip(optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
     return optimizers
 
 
