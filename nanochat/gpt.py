@@ -31,6 +31,7 @@ class GPTConfig:
     n_head: int = 6  # query heads
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
+    rope_base: float = 10000.0  # rotary base frequency; metas written before this field load with the default
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -270,12 +271,12 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         # rotary tables cover 10x the training context so the KV cache can decode past it
         self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary_tables(self.rotary_len, config.n_embd // config.n_head)
+        cos, sin = self._rotary_tables(self.rotary_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     @staticmethod
-    def _rotary_tables(length: int, head_dim: int, base: float = 10000.0):
+    def _rotary_tables(length: int, head_dim: int, base: float):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
         return freqs.cos(), freqs.sin()
@@ -292,7 +293,8 @@ class GPT(nn.Module):
                 nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features ** -0.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = self._rotary_tables(self.rotary_len, self.config.n_embd // self.config.n_head)
+        cos, sin = self._rotary_tables(self.rotary_len, self.config.n_embd // self.config.n_head,
+                                       self.config.rope_base)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 

@@ -228,17 +228,18 @@ class Resumed:
     rank_state: dict  # this rank's data position and RNG
 
 
-def check_same_run(args: argparse.Namespace, meta: dict, run_defining_flags: list[str], where) -> None:
-    """A resume with other values of the flags that define the run would not continue the same run."""
+def check_same_run(args: argparse.Namespace, meta: dict, run_defining_flags: dict[str, object], where) -> None:
+    """A resume with other values of the flags that define the run would not continue the same run.
+    run_defining_flags: flag -> the value a run saved before the flag existed ran with."""
     saved = meta.get("user_config", {})
-    changed = [f"--{flag.replace('_', '-')}: saved {saved.get(flag)!r}, now {getattr(args, flag)!r}"
-               for flag in run_defining_flags if saved.get(flag) != getattr(args, flag)]
+    changed = [f"--{flag.replace('_', '-')}: saved {saved.get(flag, before)!r}, now {getattr(args, flag)!r}"
+               for flag, before in run_defining_flags.items() if saved.get(flag, before) != getattr(args, flag)]
     if changed:
         raise RunError(f"--resume with settings that differ from the run in {where} ({'; '.join(changed)}): "
                        "pass the original flags to continue it exactly")
 
 
-def resume_run(stage: str, directory: Path, args: argparse.Namespace, run_defining_flags: list[str],
+def resume_run(stage: str, directory: Path, args: argparse.Namespace, run_defining_flags: dict[str, object],
                device: torch.device, rank: int, world_size: int) -> Resumed | None:
     """The run in `directory` to continue, checked; None when there is none yet (the caller decides whether that
     starts a fresh run or is an error)."""

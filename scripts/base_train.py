@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -67,9 +67,12 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "The planets of the solar system are:"]
 
 # flags that define the run: --resume with different values would not continue the same run
-RUN_DEFINING_FLAGS = ["depth", "max_seq_len", "device_batch_size", "total_batch_size", "num_iterations", "target_flops",
-                      "target_param_data_ratio", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
-                      "warmup_ratio", "warmdown_ratio", "final_lr_frac", "data", "val_data"]
+# (flag -> the value a run saved before the flag existed ran with)
+RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_size", "total_batch_size",
+                                       "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
+                                       "unembedding_lr", "matrix_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
+                                       "final_lr_frac", "data", "val_data"]),
+                      "seed": 42, "rope_base": 10000.0}
 
 
 # -----------------------------------------------------------------------------
@@ -87,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # the model
     parser.add_argument("--depth", type=int, default=20, help="number of layers; width and heads follow")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 512 else)")
+    parser.add_argument("--rope-base", type=float, default=10000.0, help="rotary embeddings' base frequency")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the weight init (the data order is fixed)")
     # the token budget, by precedence
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides the two below)")
     parser.add_argument("--target-flops", type=float, default=-1, help="training FLOPs budget (overrides the ratio)")
@@ -172,7 +177,7 @@ def resolve_device_defaults(args: argparse.Namespace, device_type: str, world_si
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist_info = compute_init(args.device_type or autodetect_device_type())
+    dist_info = compute_init(args.device_type or autodetect_device_type(), seed=args.seed)
     try:
         with boundary_errors_exit():  # a bad checkpoint, flags that do not fit: one line that names the fix
             train(args, dist_info)
@@ -203,7 +208,7 @@ def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: i
         set_aside_previous_run(directory, dist_info.master)
     if resumed is not None:
         return resumed.model, resumed
-    config = model_config_from_depth(args.depth, vocab_size, args.max_seq_len)
+    config = replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len), rope_base=args.rope_base)
     return build_model({"model_config": asdict(config)}, dist_info.device, "train"), None
 
 

@@ -56,9 +56,9 @@ from report import CHAT_RL, get_report
 from tasks.gsm8k import GSM8K
 
 # flags that define the run: --resume with different values would not continue the same run
-RUN_DEFINING_FLAGS = ["source", "examples_per_step", "num_samples", "device_batch_size", "max_new_tokens",
-                      "temperature", "top_k", "num_steps", "embedding_lr", "unembedding_lr", "matrix_lr",
-                      "weight_decay", "init_lr_frac"]
+RUN_DEFINING_FLAGS = dict.fromkeys(["source", "examples_per_step", "num_samples", "device_batch_size",
+                                    "max_new_tokens", "temperature", "top_k", "num_steps", "embedding_lr",
+                                    "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -52,8 +52,9 @@ from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee
 
 # flags that define the run: --resume with different values would not continue the same run
-RUN_DEFINING_FLAGS = ["source", "max_seq_len", "device_batch_size", "examples_per_step", "num_iterations",
-                      "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac"]
+RUN_DEFINING_FLAGS = dict.fromkeys(["source", "max_seq_len", "device_batch_size", "examples_per_step",
+                                    "num_iterations", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
+                                    "init_lr_frac"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

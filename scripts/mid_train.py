@@ -53,8 +53,9 @@ from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee
 
 # flags that define the run: --resume with different values would not continue the same run
-RUN_DEFINING_FLAGS = ["max_seq_len", "device_batch_size", "total_batch_size", "num_iterations", "warmdown_ratio",
-                      "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac"]
+RUN_DEFINING_FLAGS = dict.fromkeys(["max_seq_len", "device_batch_size", "total_batch_size", "num_iterations",
+                                    "warmdown_ratio", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
+                                    "init_lr_frac"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -133,3 +133,19 @@ def test_flags_after_torchruns_separator_are_the_scripts_own():
     assert args.max_seq_len == 32 and args.keep_checkpoints == 3
     with pytest.raises(SystemExit):
         mid_train.parse_args(["--keep-checkpoints=0"])
+
+
+def test_a_run_saved_before_a_flag_existed_resumes_with_the_value_it_ran_with(base_dir, tiny_tokenizer, capsys):
+    import json
+
+    save_tokenizer(tiny_tokenizer, base_dir)
+    assert base_train.main(FLAGS) == 0
+    meta_file = base_dir / "base_checkpoints" / "d2" / "meta_000006.json"
+    meta = json.loads(meta_file.read_text())
+    for newer in ("seed", "rope_base", "data", "val_data"):  # as an older version wrote it
+        del meta["user_config"][newer]
+    meta_file.write_text(json.dumps(meta))
+    assert base_train.main([*FLAGS, "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--rope-base: saved 10000.0, now 100000.0"):
+        base_train.main([*FLAGS, "--resume", "--rope-base=100000"])
