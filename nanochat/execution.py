@@ -303,14 +303,6 @@ def _bwrap_version() -> tuple[int, ...]:
         return ()
 
 
-def _landlock_abi() -> int:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return max(int(libc.syscall(444, None, ctypes.c_size_t(0), 1)), 0)  # landlock_create_ruleset(VERSION)
-
-
 @functools.cache
 def confinement() -> Confinement:
     """Whether programs run under the kernel's confinement here, and if not, what is missing and how to get it."""
@@ -325,7 +317,9 @@ def confinement() -> Confinement:
                                   "install a newer bubblewrap (Debian 12, Ubuntu 24.04 and later ship one)")
     if not hasattr(os, "pidfd_open") or not hasattr(os, "memfd_create"):
         return Confinement(False, "this Python lacks os.pidfd_open/os.memfd_create (needs Python 3.9+ on Linux 5.3+)")
-    if _landlock_abi() < 1:
+    from nanochat.sandbox_worker import landlock_abi  # Linux only: the worker's own probe, from here on
+
+    if landlock_abi() < 1:
         return Confinement(False, "Landlock is not enabled in this kernel (Linux 5.13+ with landlock in the lsm= list)")
     try:
         _layout()
