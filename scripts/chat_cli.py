@@ -24,8 +24,10 @@ PART_COLOURS = {"python": "\033[33m", "python_output": "\033[36m"}
 RESET = "\033[0m"
 
 
-def stream_reply(engine: Engine, messages: list[dict], args: argparse.Namespace, out=sys.stdout) -> list[dict]:
-    """Generate the assistant's next message, printing it as it streams; returns its parts."""
+def stream_reply(engine: Engine, messages: list[dict], args: argparse.Namespace, out=None) -> list[dict]:
+    """Generate the assistant's next message, printing it as it streams (to `out`, default the sys.stdout of the
+    moment, not of import time); returns its parts."""
+    out = out or sys.stdout
     prompt = engine.tokenizer.render_for_completion({"messages": messages})
     special, text_stream = engine.special, TextStream(engine.tokenizer)
     colour = out.isatty()
