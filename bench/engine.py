@@ -2,6 +2,7 @@
 
     python -m bench.engine                          # CPU defaults: depth 4, vocab 8192, batch 1 and 16
     python -m bench.engine --depth 12 --new-tokens 256 --batch-sizes 1 16 64 --dtype bfloat16   # on a GPU
+    python -m bench.engine --quantize int8          # ours with int8 weights
 
 Both decode greedily from the same random prompt replicated `batch` times, `new_tokens` tokens per row, with a KV
 cache in the same --dtype, eager PyTorch (no torch.compile), in the same process, alternating measurement rounds.
@@ -26,6 +27,7 @@ from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, prepare_for_serving
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.kernels import describe_machine
+from nanochat.quantize import QUANTIZATIONS, weight_bytes
 from nanochat.tokenizer import Tokenizer
 
 
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="both models' weights and KV caches (chat_cli/chat_web serve in the compute dtype: bf16 "
                              "on recent GPUs, fp32 on CPU unless NANOCHAT_DTYPE=bfloat16)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
+                        help="ours with int8 weights (groups of 64), as chat_cli --quantize int8 serves it; the "
+                             "peer stays in --dtype")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice); on a "
                         "shared machine 1 avoids OpenMP threads waiting on each other")
@@ -110,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     ours, llama = build_models(args, device)
     dtype = getattr(torch, args.dtype)
-    ours, llama = prepare_for_serving(ours, dtype), llama.to(dtype)  # ours as chat_cli/chat_web serve it
+    ours_bytes = weight_bytes(ours.to(dtype))
+    ours = prepare_for_serving(ours, dtype, quantization=args.quantize)  # ours as chat_cli/chat_web serve it
+    llama = llama.to(dtype)
     engine = Engine(ours, byte_level_tokenizer_with_vocab(args.vocab_size))
     # a prompt without special tokens, and greedy decoding of a fresh model never hits one either (checked below)
     prompt = torch.randint(0, 256, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -120,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
     print(f"shape: depth {c.n_layer}, width {c.n_embd}, heads {c.n_head}, vocab {c.vocab_size}; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per row, greedy")
+    if args.quantize != "none":
+        print(f"ours {args.quantize}: weights {weight_bytes(ours) / 2**20:.1f} MiB, {args.dtype}: "
+              f"{ours_bytes / 2**20:.1f} MiB")
 
     for batch in args.batch_sizes:
         time_ours(engine, prompt, batch, 4, device)  # warm-up

@@ -22,6 +22,7 @@ from torch import nn
 from nanochat.common import get_compute_dtype
 from nanochat.gpt import GPT
 from nanochat.kernels import PackedLinear
+from nanochat.quantize import quantize_model
 from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
 from nanochat.tokenizer import Tokenizer
 
@@ -206,7 +207,7 @@ class SampleStream:
 # The model as served: in the compute dtype, its linear layers packed on CPU
 
 
-def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None) -> GPT:
+def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None, quantization: str = "none") -> GPT:
     """The model, changed in place, as chat_cli and chat_web serve it: weights (and so KV caches) in `dtype`, by
     default the compute dtype of its device (bf16 on recent GPUs, fp32 on CPU unless NANOCHAT_DTYPE says otherwise);
     on CPU, linear layers packed for oneDNN (PackedLinear) where this CPU can pack that dtype. Training keeps fp32 weights (autocast casts them at every
@@ -214,9 +215,11 @@ def prepare_for_serving(model: GPT, dtype: torch.dtype | None = None) -> GPT:
     is for inference only.
     bf16 halves the memory of weights and cache and the bytes each decode step reads; on CPU it is opt-in
     (NANOCHAT_DTYPE=bfloat16) because packed fp32 decodes about as fast: 2 Zen 5 cores with native bf16,
-    bench/engine.py, bf16 vs fp32: 1.07x at batch 1, 0.97x at batch 16."""
+    bench/engine.py, bf16 vs fp32: 1.07x at batch 1, 0.97x at batch 16.
+    quantization "int8" first rounds the linear layers to int8 groups (nanochat/quantize.py), from the fp32 weights
+    (only the groups' scales are then cast to `dtype`); those layers are not packed."""
     dtype = dtype or get_compute_dtype(model.get_device().type)
-    model = model.to(dtype).eval()
+    model = quantize_model(model, quantization).to(dtype).eval()
     if PackedLinear.available(model.get_device(), dtype):  # probed: bf16 packing needs AVX-512 or AVX-NE-CONVERT
         for module in list(model.modules()):
             for name, child in module.named_children():

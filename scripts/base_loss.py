@@ -1,6 +1,7 @@
 """Bits per byte of a base checkpoint on the train and validation splits, plus greedy completions of a few prompts.
 
     python -m scripts.base_loss                          # the deepest base model, its last step
+    python -m scripts.base_loss --quantize int8          # the same with int8 weights
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --split-tokens=20971520
 """
 
@@ -20,6 +21,7 @@ from nanochat.common import (
 )
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.quantize import QUANTIZATIONS, quantize_model
 from nanochat.tokenizer import get_token_bytes
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequences per process per batch (default: the training run's)")
     parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per sample completion")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
+                        help="evaluate the model with int8 weights (groups of 64), as chat_cli --quantize serves it")
     args = parse_script_args(parser, argv)
     if args.split_tokens < 1 or (args.device_batch_size is not None and args.device_batch_size < 1):
         parser.error("--split-tokens and --device-batch-size must be positive")
@@ -54,6 +58,7 @@ def evaluate(args: argparse.Namespace, dist_info) -> None:
     device = dist_info.device
     autocast = autocast_context(dist_info.device_type)
     model, tokenizer, meta = load_model("base", device, phase="eval", tag=args.model_tag, step=args.step)
+    model = quantize_model(model, args.quantize)
     token_bytes = get_token_bytes(device)
     seq_len = model.config.sequence_len
     batch_size = args.device_batch_size or meta.get("user_config", {}).get("device_batch_size", 32)
@@ -81,7 +86,8 @@ def evaluate(args: argparse.Namespace, dist_info) -> None:
             print0(f"sample: {samples[-1]!r}")
 
     get_report().log(BASE_LOSS, [
-        {"model step": meta["step"], "tokens per split": steps * tokens_per_step},
+        {"model step": meta["step"], "tokens per split": steps * tokens_per_step,
+         **({"weights": args.quantize} if args.quantize != "none" else {})},
         {"train bpb": bpb["train"], "val bpb": bpb["val"]},
         {"samples": samples},
     ])

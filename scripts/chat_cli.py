@@ -3,6 +3,8 @@
     python -m scripts.chat_cli                                  # talk to the SFT model
     python -m scripts.chat_cli --source rl --temperature 0.6
     python -m scripts.chat_cli -p "Why is the sky blue?"        # one answer, then exit
+    python -m scripts.chat_cli --quantize int8                  # int8 weights (4x smaller)
+    python -m scripts.chat_cli --hf DIR                         # a Hugging Face directory (scripts.export --format hf)
 
 In the chat: /clear starts over, /exit (or Ctrl-D) quits. Python tool calls and their output are shown as
 they happen (in colour on a terminal).
@@ -18,6 +20,7 @@ import torch
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, TextStream, prepare_for_serving
 from nanochat.execution import add_unsafe_tool_flag, served_tool_requires_confinement
+from nanochat.loading import add_model_arguments, load_model_from_args, model_name
 
 # ANSI colours for tool calls and their output; plain text when stdout is not a terminal
 PART_COLOURS = {"python": "\033[33m", "python_output": "\033[36m"}
@@ -58,9 +61,7 @@ def stream_reply(engine: Engine, messages: list[dict], args: argparse.Namespace,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
     parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which model")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the largest model)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
@@ -73,12 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 0 or args.max_tokens < 1:
         parser.error("--top-k must be >= 0 and --max-tokens >= 1")
 
-    from nanochat.checkpoint import load_model  # needs the pretraining stage's checkpoints module
-
     device_type = args.device_type or autodetect_device_type()
     device = torch.device("cuda", 0) if device_type == "cuda" else torch.device(device_type)
-    model, tokenizer, _meta = load_model(args.source, device, phase="eval", tag=args.tag, step=args.step)
-    engine = Engine(prepare_for_serving(model), tokenizer,
+    model, tokenizer, meta = load_model_from_args(args, device)
+    engine = Engine(prepare_for_serving(model, quantization=args.quantize), tokenizer,
                     require_confinement=served_tool_requires_confinement(args.unsafe_python_tool))
 
     if args.prompt is not None:
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         stream_reply(engine, [{"role": "user", "content": args.prompt}], args)
         return 0
 
-    print(f"nanochat ({args.source}) — /clear to start over, /exit to quit")
+    print(f"{model_name(args, meta)} — /clear to start over, /exit to quit")
     messages: list[dict] = []
     while True:
         try:

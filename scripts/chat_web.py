@@ -3,6 +3,7 @@ and run the app of nanochat/server.py (the web UI, a simple streaming API, an Op
 
     python -m scripts.chat_web                      # the SFT model on http://127.0.0.1:8000
     python -m scripts.chat_web --source rl --host 0.0.0.0 --port 8080 --max-concurrent 32
+    python -m scripts.chat_web --hf DIR --quantize int8   # a Hugging Face directory, int8 weights
 
 The endpoints are listed in nanochat/server.py.
 """
@@ -15,10 +16,10 @@ import torch
 import uvicorn
 
 from nanochat.batching import Scheduler
-from nanochat.checkpoint import load_model
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, prepare_for_serving
 from nanochat.execution import add_unsafe_tool_flag, served_tool_requires_confinement
+from nanochat.loading import add_model_arguments, load_model_from_args, model_name
 from nanochat.server import Defaults, create_app
 
 
@@ -26,9 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Serve a nanochat model: web UI + OpenAI-compatible API")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which model to serve")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the largest model)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.8, help="default temperature for requests")
     parser.add_argument("--top-k", type=int, default=50, help="default top-k for the UI's API (0 = off)")
     parser.add_argument("--max-tokens", type=int, default=512, help="default tokens per reply")
@@ -50,13 +49,14 @@ def main() -> None:
     schedulers, tokenizer, meta = [], None, {}
     require_confinement = served_tool_requires_confinement(args.unsafe_python_tool)
     for device in devices:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", tag=args.tag, step=args.step)
-        engine = Engine(prepare_for_serving(model), tokenizer, require_confinement=require_confinement)
+        model, tokenizer, meta = load_model_from_args(args, device)
+        engine = Engine(prepare_for_serving(model, quantization=args.quantize), tokenizer,
+                        require_confinement=require_confinement)
         schedulers.append(Scheduler(engine, max_batch_size=args.max_concurrent, max_queue=args.max_queue))
-    model_name = f"nanochat-{args.source}-{args.tag or 'latest'}-step{meta.get('step', args.step)}"
+    name = model_name(args, meta)
     defaults = Defaults(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens)
-    app = create_app(schedulers, tokenizer, model_name=model_name, defaults=defaults)
-    print(f"serving {model_name} on {len(devices)} replica(s) ({', '.join(map(str, devices))}) in "
+    app = create_app(schedulers, tokenizer, model_name=name, defaults=defaults)
+    print(f"serving {name} on {len(devices)} replica(s) ({', '.join(map(str, devices))}) in "
           f"{str(model.transformer.wte.weight.dtype).removeprefix('torch.')} at http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

@@ -153,3 +153,17 @@ def test_base_loss_reports_train_and_val_bpb(uninterrupted_run, monkeypatch):
     assert len(section["data"][2]["samples"]) == len(base_loss.PROMPTS)
     training = Report(uninterrupted_run / "report").read_sections()["Base model training"]
     assert training["data"][1]["Calculated number of iterations"] == 8
+
+
+def test_base_loss_with_int8_weights_stays_within_one_percent(uninterrupted_run, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(uninterrupted_run))
+    report = Report(uninterrupted_run / "report")
+    flags = ["--split-tokens=1024", "--device-batch-size=2", "--max-new-tokens=1"]
+    val_bpb = {}
+    for quantize in ("none", "int8"):
+        assert base_loss.main([*flags, f"--quantize={quantize}"]) == 0
+        section = report.read_sections()["Base model loss"]
+        val_bpb[quantize] = section["data"][1]["val bpb"]
+        assert section["data"][0].get("weights", "none") == quantize
+    assert val_bpb["int8"] != val_bpb["none"]  # the weights really were rounded
+    assert abs(val_bpb["int8"] - val_bpb["none"]) / val_bpb["none"] < 0.01

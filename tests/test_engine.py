@@ -268,6 +268,17 @@ def test_chat_cli_one_shot_prints_the_answer_and_exits_0(sft_checkpoint, tiny_gp
     assert result.stdout == expected + "\n"
 
 
+def test_chat_cli_serves_int8_weights(sft_checkpoint, tiny_gpt, tiny_tokenizer, capsys):
+    from nanochat.quantize import quantize_model
+    from scripts import chat_cli
+
+    assert chat_cli.main(["-p", "Hello there", "--temperature", "0", "--max-tokens", "10", "--device-type", "cpu",
+                          "--quantize", "int8"]) == 0
+    expected = greedy_text(quantize_model(copy.deepcopy(tiny_gpt), "int8"), tiny_tokenizer,
+                           [{"role": "user", "content": "Hello there"}], 10)
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_chat_cli_keeps_history_and_clears_it(sft_checkpoint, tiny_gpt, tiny_tokenizer, monkeypatch, capsys):
     from scripts import chat_cli
 
