@@ -27,6 +27,29 @@ cd "$REPO"
 log() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
 die() { echo "speedrun: error: $*" >&2; exit 1; }
 
+# Flags: --plan prints the recipe and its estimate and exits, touching nothing; --depth N overrides the depth the
+# plan picks (NANOCHAT_DEPTH does the same); NANOCHAT_TIME_BUDGET_HOURS sets the budget a single GPU's depth fits.
+PLAN_ONLY=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --plan) PLAN_ONLY=1 ;;
+    --depth) [ $# -ge 2 ] || die "--depth needs a number"; NANOCHAT_DEPTH="$2"; shift ;;
+    --depth=*) NANOCHAT_DEPTH="${1#--depth=}" ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$REPO/speedrun.sh" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument $1 (known: --plan, --depth N, --help)" ;;
+    esac
+    shift
+done
+if [ -n "${NANOCHAT_DEPTH:-}" ] && ! [[ "$NANOCHAT_DEPTH" =~ ^[1-9][0-9]*$ ]]; then
+    die "--depth / NANOCHAT_DEPTH must be a positive integer, got '$NANOCHAT_DEPTH'"
+fi
+plan_args=()
+[ -n "${NANOCHAT_DEPTH:-}" ] && plan_args=(--depth "$NANOCHAT_DEPTH")
+if [ "$PLAN_ONLY" = 1 ]; then
+    # the plan is standard-library Python: any python3 runs it, before anything is installed
+    exec "${NANOCHAT_PYTHON:-python3}" -m nanochat.plan "${plan_args[@]}"
+fi
+
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 NANOCHAT_BASE_DIR="$(cd "$NANOCHAT_BASE_DIR" && pwd)"
@@ -86,12 +109,7 @@ fi
 # -----------------------------------------------------------------------------
 # Hardware and recipe
 
-read -r NUM_GPUS GPU_MEM_GIB < <("$PY" -c "
-import torch
-if torch.cuda.is_available():
-    print(torch.cuda.device_count(), int(torch.cuda.get_device_properties(0).total_memory / 1024**3))
-else:
-    print(0, 0)") || true
+NUM_GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)") || true
 [[ "${NUM_GPUS:-}" =~ ^[0-9]+$ ]] || die "could not ask PyTorch ($PY) how many GPUs there are; check that torch imports"
 SCALE="${NANOCHAT_SPEEDRUN_SCALE:-}"
 if [ -z "$SCALE" ]; then
@@ -107,22 +125,15 @@ fi
 case "$SCALE" in
 gpu)
     [ "$NUM_GPUS" -gt 0 ] || die "NANOCHAT_SPEEDRUN_SCALE=gpu but no CUDA GPU is visible"
-    DEPTH=20
+    # The recipe from nanochat/plan.py: 8 GPUs of 80 GB run depth 20; fewer or smaller ones the deepest depth
+    # whose estimate fits NANOCHAT_TIME_BUDGET_HOURS (default 4); the device batch is what fits the GPU's memory
+    # (the total batch stays fixed: the training script accumulates gradients). Shards: Chinchilla's 20 tokens
+    # per parameter at ~4.8 characters per token, +10% slack and +1 for the validation shard.
+    eval "$(env -u NANOCHAT_PLAN_HARDWARE "$PY" -m nanochat.plan --shell "${plan_args[@]}")"
+    DEPTH=$PLAN_DEPTH
     VOCAB_SIZE=65536
-    # Chinchilla: 20 tokens per parameter (the model's exact count, from nanochat/gpt.py); a shard holds ~250M
-    # characters at ~4.8 characters per token, +10% slack and +1 for the validation shard.
-    NUM_SHARDS=$("$PY" -c "
-from nanochat.gpt import model_config_from_depth, parameter_count
-params = parameter_count(model_config_from_depth($DEPTH, $VOCAB_SIZE, 2048))
-print(int(params * 20 * 4.8 / 250e6 * 1.1) + 1)")
-    # 32 sequences of 2048 tokens fit an 80GB GPU at depth 20; halve per halving of memory. The total batch
-    # stays fixed (the training script accumulates gradients), so a smaller GPU is slower, not different.
-    DEVICE_BATCH_SIZE=32
-    mem=$GPU_MEM_GIB
-    while [ "$mem" -lt 70 ] && [ "$DEVICE_BATCH_SIZE" -gt 1 ]; do
-        DEVICE_BATCH_SIZE=$((DEVICE_BATCH_SIZE / 2))
-        mem=$((mem * 2))
-    done
+    NUM_SHARDS=$PLAN_NUM_SHARDS
+    DEVICE_BATCH_SIZE=$PLAN_DEVICE_BATCH_SIZE
     TOK_TRAIN_ARGS=(--vocab-size="$VOCAB_SIZE" --max-chars=2000000000)
     # the two newest checkpoints of a stage are kept (a depth-20 checkpoint with its optimizer state is ~7 GB)
     BASE_TRAIN_ARGS=(--depth="$DEPTH" --device-batch-size="$DEVICE_BATCH_SIZE" --keep-checkpoints=2)
@@ -185,6 +196,7 @@ if [ "$NUM_GPUS" -gt 0 ]; then
     export OMP_NUM_THREADS=1  # torchrun's processes would otherwise oversubscribe the CPU cores
 fi
 log "recipe: $SCALE; GPUs: $NUM_GPUS; artifacts: $NANOCHAT_BASE_DIR; data mirror: ${NANOCHAT_DATA_DIR:-none}"
+[ -z "${NANOCHAT_DEPTH:-}" ] || [ "$SCALE" = gpu ] || log "note: --depth applies to the gpu recipe; $SCALE ignores it"
 
 # -----------------------------------------------------------------------------
 # Resume bookkeeping: a marker per finished stage
@@ -201,6 +213,9 @@ fi
 if [ -z "$(ls -A "$MARKERS")" ]; then
     log "starting a fresh run"
     "$PY" -m report reset
+    # the estimate, kept for the report card's estimate-vs-actual line
+    env -u NANOCHAT_PLAN_HARDWARE "$PY" -m nanochat.plan --json "${plan_args[@]}" > "$NANOCHAT_BASE_DIR/report/plan.json.tmp"
+    mv "$NANOCHAT_BASE_DIR/report/plan.json.tmp" "$NANOCHAT_BASE_DIR/report/plan.json"
     echo "$SCALE" > "$MARKERS/scale"
 else
     log "resuming the run in $NANOCHAT_BASE_DIR (NANOCHAT_SPEEDRUN_FRESH=1 starts over)"

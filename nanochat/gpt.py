@@ -20,6 +20,7 @@ from torch import nn
 from nanochat.common import get_dist_info
 from nanochat.kernels import Linear, matmul, onednn_ready, tanh_
 from nanochat.optim import DistAdamW, DistMuon, Muon
+from nanochat.plan import PEAK_FLOPS, shape_from_depth
 from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
 
 
@@ -43,13 +44,8 @@ class GPTConfig:
 
 
 def model_config_from_depth(depth: int, vocab_size: int, sequence_len: int) -> GPTConfig:
-    """The one dial: width grows with depth (64 channels per layer), heads are ~128 wide."""
-    if depth < 1:
-        raise ValueError(f"--depth must be >= 1, got {depth}")
-    n_embd = depth * 64
-    n_head = max(1, round(n_embd / 128))
-    while n_embd % n_head != 0 or (n_embd // n_head) % 2 != 0:
-        n_head -= 1
+    """The one dial: width grows with depth (64 channels per layer), heads are ~128 wide (nanochat/plan.py)."""
+    n_embd, n_head = shape_from_depth(depth)
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
 
@@ -59,11 +55,6 @@ def parameter_count(config: GPTConfig) -> int:
     budget in tokens per parameter is sized from, before any model exists."""
     with torch.device("meta"):
         return GPT(config).num_params()
-
-
-# Dense bf16 peak FLOP/s (no sparsity) of one GPU, from the vendors' datasheets: the denominator of MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-              "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
 def peak_flops(device: torch.device) -> float | None:

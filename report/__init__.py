@@ -39,6 +39,7 @@ SECTIONS = [TOKENIZER_TRAINING, TOKENIZER_EVALUATION, BASE_TRAINING, BASE_LOSS, 
             chat_evaluation("mid"), CHAT_SFT, chat_evaluation("sft"), CHAT_RL, chat_evaluation("rl")]
 
 HEADER_FILE = "header.json"
+PLAN_FILE = "plan.json"  # speedrun.sh's estimate (nanochat/plan.py --json), written after `report reset`
 
 
 def section_slug(section: str) -> str:
@@ -119,7 +120,7 @@ class Report:
         """Every logged section by name: {"section", "timestamp", "data"}."""
         sections = {}
         for path in sorted(self.report_dir.glob("*.json")):
-            if path.name == HEADER_FILE:
+            if path.name in (HEADER_FILE, PLAN_FILE):
                 continue
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))

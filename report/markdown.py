@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 from nanochat.common import atomic_write_text
-from report import BASE_EVALUATION, SECTIONS, Report, chat_evaluation, now_iso
+from report import BASE_EVALUATION, PLAN_FILE, SECTIONS, Report, chat_evaluation, now_iso
 from report.plots import make_plots
 
 MISSING = "—"
@@ -135,12 +135,17 @@ def wall_clock_seconds(header: dict | None, sections: dict[str, dict]) -> float 
     return (end - start).total_seconds()
 
 
-def render_time_and_cost(header: dict | None, sections: dict[str, dict], gpu_hour_cost: float) -> list[str]:
+def render_time_and_cost(header: dict | None, sections: dict[str, dict], gpu_hour_cost: float,
+                         plan: dict | None = None) -> list[str]:
     seconds = wall_clock_seconds(header, sections)
     if seconds is None:
         return ["- Total wall-clock time: unknown (needs the run header and at least one logged section).", ""]
     lines = [f"- Total wall-clock time: {format_duration(seconds)} "
              + "(from `report reset` to the last logged section, including any time the run was interrupted)"]
+    if plan:
+        lines.append(f"- Estimated before the run (`speedrun.sh --plan`, {plan['hardware']}, depth {plan['depth']}): "
+                     f"{format_duration(plan['total_seconds'])}; actual / estimate = "
+                     f"{seconds / plan['total_seconds']:.2f}")
     gpu_count = header["hardware"]["gpus"]["count"]
     if gpu_count:
         cost = seconds / 3600 * gpu_count * gpu_hour_cost
@@ -149,6 +154,15 @@ def render_time_and_cost(header: dict | None, sections: dict[str, dict], gpu_hou
     else:
         lines.append("- Estimated cost: no GPU cost (the run used no GPU; CPU time is not priced)")
     return [*lines, ""]
+
+
+def read_plan(path: Path) -> dict | None:
+    """The estimate speedrun.sh saved from nanochat/plan.py when the run started; None if absent or unreadable."""
+    try:
+        plan = json.loads(path.read_text())
+        return plan if isinstance(plan, dict) and plan.get("total_seconds", 0) > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +180,7 @@ def generate(report: Report, out_path: Path, gpu_hour_cost: float = DEFAULT_GPU_
     for name in [*SECTIONS, *extra]:
         lines += render_section(name, sections.get(name))
     lines += render_summary(sections)
-    lines += render_time_and_cost(header, sections, gpu_hour_cost)
+    lines += render_time_and_cost(header, sections, gpu_hour_cost, read_plan(report.report_dir / PLAN_FILE))
 
     lines += ["## Plots", ""]
     plots = make_plots(report.read_metrics(), out_path.with_suffix(""))
