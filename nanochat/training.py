@@ -46,6 +46,7 @@ from nanochat.checkpoint import (
     save_checkpoint,
 )
 from nanochat.common import all_reduce_sum, get_base_dir, print0
+from nanochat.loading import ExportError
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 from tasks.common import MalformedDataError
 
@@ -55,7 +56,7 @@ class RunError(ValueError):
     names the fix."""
 
 
-BOUNDARY_ERRORS = (RunError, CheckpointError, FileNotFoundError, MalformedDataError)
+BOUNDARY_ERRORS = (RunError, CheckpointError, ExportError, FileNotFoundError, MalformedDataError)
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -299,12 +300,14 @@ def due(every: int, step: int) -> bool:
 
 def save_run_checkpoint(stage: str, directory: Path, step: int, model, optimizers: list[torch.optim.Optimizer],
                         tokenizer: Tokenizer, rank_state: dict, meta_fields: dict, rank: int,
-                        keep: int = -1) -> None:
+                        keep: int = -1, model_state: Callable[[], dict] | None = None) -> None:
     """Every rank calls this: the per-rank data position and RNG are gathered into the meta, rank 0 writes the model
-    and the meta, every rank its own optimizer shard; then rank 0 prunes all but the newest `keep` checkpoints."""
+    and the meta, every rank its own optimizer shard; then rank 0 prunes all but the newest `keep` checkpoints.
+    model_state: what of the model to save (default: its whole state_dict; a LoRA run saves only its adapters)."""
     rank_states = gather_rank_states(rank_state)
     meta = model_meta(model.config, tokenizer, step, stage=stage, rank_states=rank_states, **meta_fields)
-    save_checkpoint(directory, step, model.state_dict() if rank == 0 else None,
+    model_state = model_state or model.state_dict
+    save_checkpoint(directory, step, model_state() if rank == 0 else None,
                     [optimizer.state_dict() for optimizer in optimizers], meta, rank=rank)
     print0(f"saved checkpoint step {step} to {directory}")
     if keep > 0 and rank == 0:

@@ -21,6 +21,7 @@ from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, TextStream, prepare_for_serving
 from nanochat.execution import add_unsafe_tool_flag, served_tool_requires_confinement
 from nanochat.loading import add_model_arguments, load_model_from_args, model_name
+from nanochat.training import cli
 
 # ANSI colours for tool calls and their output; plain text when stdout is not a terminal
 PART_COLOURS = {"python": "\033[33m", "python_output": "\033[36m"}
@@ -118,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main)

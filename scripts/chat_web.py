@@ -21,9 +21,10 @@ from nanochat.engine import Engine, prepare_for_serving
 from nanochat.execution import add_unsafe_tool_flag, served_tool_requires_confinement
 from nanochat.loading import add_model_arguments, load_model_from_args, model_name
 from nanochat.server import Defaults, create_app
+from nanochat.training import cli
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve a nanochat model: web UI + OpenAI-compatible API")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8000)
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=128, help="requests waiting per replica before 429")
     parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add_unsafe_tool_flag(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 0 <= args.temperature <= 2:
         parser.error(f"--temperature must be in [0, 2], got {args.temperature}")
     if args.max_tokens < 1 or args.max_concurrent < 1 or args.max_queue < 0:
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
