@@ -119,14 +119,15 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 
 def get_compute_dtype(device_type: str) -> torch.dtype:
-    """bf16 on CUDA GPUs that do it natively (SM80+), fp32 elsewhere; NANOCHAT_DTYPE overrides."""
+    """bf16 on CUDA GPUs that do it natively (SM80+), fp16 on older ones (T4, V100: training scales the loss,
+    nanochat/loss_scaling.py), fp32 elsewhere; NANOCHAT_DTYPE overrides."""
     override = os.environ.get("NANOCHAT_DTYPE")
     if override:
         if override not in _DTYPES:
             raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(_DTYPES)}")
         return _DTYPES[override]
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
     return torch.float32
 
 

@@ -232,8 +232,10 @@ def _cpu_bf16_matmul_faster() -> bool:
 
 
 def newtonschulz_dtype(device: torch.device) -> torch.dtype:
-    """Muon's Newton-Schulz dtype: bf16 on CUDA and on CPUs where bf16 matmuls are clearly faster (timed once),
-    fp32 elsewhere."""
+    """Muon's Newton-Schulz dtype: bf16 on CUDA GPUs from Ampere on and on CPUs where bf16 matmuls are clearly
+    faster (timed once), fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float32  # no bf16 before Ampere, and fp16's range is too narrow for the iteration
     if device.type == "cuda" or (device.type == "cpu" and _cpu_bf16_matmul_faster()):
         return torch.bfloat16
     return torch.float32

@@ -39,6 +39,7 @@ from nanochat.common import (
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.gpt import model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_scaling import LossScaler
 from nanochat.own_data import prepare_own_data
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
@@ -254,6 +255,8 @@ def train(args: argparse.Namespace, dist_info) -> None:
     if resumed is not None:
         loop.update(resumed.meta["loop_state"])
         set_rng_state(resumed.rank_state["rng"], device)
+    scaler = LossScaler.for_dtype(compute_dtype)  # fp16 (GPUs without bf16): dynamic loss scaling
+    scaler.load_state_dict(loop.get("loss_scaler"))
     if loop["step"] >= num_iterations:
         print0(f"{directory} is already trained to step {loop['step']} of {num_iterations}: nothing to do")
         return
@@ -298,6 +301,8 @@ def train(args: argparse.Namespace, dist_info) -> None:
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core})
 
     def save(step: int) -> None:
+        if scaler.enabled:
+            loop["loss_scaler"] = scaler.state_dict()
         step_meta = {"user_config": vars(args), "num_iterations": num_iterations, "loop_state": {**loop, "step": step},
                      "dataloader_state": loader_state}
         save_run_checkpoint("base", directory, step, orig_model, optimizers, tokenizer,
@@ -331,13 +336,13 @@ def train(args: argparse.Namespace, dist_info) -> None:
             with autocast:
                 loss = model(inputs, targets)
             train_loss += loss.detach() / grad_accum_steps
-            (loss / grad_accum_steps).backward()
+            scaler.scale_loss(loss / grad_accum_steps).backward()
             loader_state = train_loader.state_dict()
             inputs, targets = next(train_loader)  # fetched while the GPU still works on the backward pass
         multiplier = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         apply_schedule(optimizers, multiplier, step)
-        for optimizer in optimizers:
-            optimizer.step()
+        if not scaler.step(optimizers, model):
+            print0(f"step {step + 1:05d} | fp16 gradients overflowed: step skipped, loss scale now {scaler.scale:g}")
         model.zero_grad(set_to_none=True)
         train_loss_value = float(all_reduce_sum(train_loss) / world_size)  # waits for the step: honest timing
         step_time, counts_toward_total = timer.end(step - start_step + 1)
