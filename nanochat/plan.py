@@ -64,8 +64,7 @@ LOSS_HEAD_GIB = 1.0  # a chunk of logits (4096 rows x 65k vocab) and its gradien
 MEMORY_SOURCE = "fitted to one measurement (depth 20, 32 x 2048 tokens, 1 H200, peak 76.1 GiB); scaled by depth"
 
 # The tiny CPU run (speedrun.sh tiny): measured stage times, scaled by core count elsewhere (an assumption).
-CPU_TINY_SECONDS = {"tokenizer": 20, "base_train": 420, "base evals": 60, "mid_train": 90, "chat_sft": 45,
-                    "chat_rl": 45, "chat evals": 53}
+CPU_TINY_SECONDS = {"base_train": 420, "every other stage": 313}
 CPU_TINY_CORES = 2
 CPU_TINY_SOURCE = "measured: the tiny run on 2 AMD EPYC Zen 3 cores, 12 min 13 s in all (7 min base training)"
 
