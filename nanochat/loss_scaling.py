@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nanochat.common import all_reduce_sum
+from nanochat.common import all_reduce_sum, get_compute_dtype
 
 
 class LossScaler:
@@ -24,9 +24,20 @@ class LossScaler:
         self.good_steps = 0
         self.skipped_steps = 0
 
+    loop_state: dict | None = None  # where step() keeps the state, so that every checkpoint of the loop saves it
+
     @classmethod
     def for_dtype(cls, dtype: torch.dtype) -> LossScaler:
         return cls(enabled=dtype == torch.float16)
+
+    @classmethod
+    def in_loop_state(cls, device_type: str, loop_state: dict) -> LossScaler:
+        """The scaler of a training loop on `device_type`: on only in fp16, continuing from the state a resumed
+        checkpoint's loop state holds, and keeping its state there (under "loss_scaler") after every step."""
+        scaler = cls.for_dtype(get_compute_dtype(device_type))
+        scaler.load_state_dict(loop_state.get("loss_scaler"))
+        scaler.loop_state = loop_state
+        return scaler
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale if self.enabled else loss
@@ -43,6 +54,7 @@ class LossScaler:
                 self.scale /= 2
                 self.good_steps = 0
                 self.skipped_steps += 1
+                self._keep_state()
                 return False
             inverse = 1.0 / self.scale
             for g in grads:
@@ -53,7 +65,12 @@ class LossScaler:
             self.good_steps += 1
             if self.good_steps % self.growth_interval == 0:
                 self.scale *= 2
+        self._keep_state()
         return True
+
+    def _keep_state(self) -> None:
+        if self.enabled and self.loop_state is not None:
+            self.loop_state["loss_scaler"] = self.state_dict()
 
     def state_dict(self) -> dict:
         return {"scale": self.scale, "good_steps": self.good_steps, "skipped_steps": self.skipped_steps}

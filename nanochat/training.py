@@ -47,6 +47,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.common import all_reduce_sum, get_base_dir, print0
 from nanochat.loading import ExportError
+from nanochat.loss_scaling import LossScaler
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 from tasks.common import MalformedDataError
 
@@ -351,11 +352,13 @@ def step_line(step: int, num_steps: int | None, loss: float, multiplier: float, 
     return " | ".join(parts) + (f" | {extra}" if extra else "")
 
 
-def supervised_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], autocast) -> float:
+def supervised_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], autocast,
+                    scaler: LossScaler | None = None) -> float:
     """Forward + backward over the micro-batches of one optimizer step (gradient accumulation) and return the
     step's loss. The loss is the mean over every supervised target of the step on all ranks, not a mean of
     per-micro-batch means: rows hold different numbers of supervised tokens, and this way the gradient does not
-    depend on how the total batch is split into micro-batches and ranks."""
+    depend on how the total batch is split into micro-batches and ranks. In fp16 the scaler scales what is
+    backpropagated (nanochat/loss_scaling.py); its step() then unscales and steps."""
     device = micro_batches[0][1].device
     num_targets = all_reduce_sum(sum((targets >= 0).sum() for _, targets in micro_batches).to(device).float())
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -364,7 +367,8 @@ def supervised_step(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]
         with autocast:  # a sum, not per-token losses: the chunked loss head never holds the whole batch's logits
             target_loss_sum = model(inputs, targets, loss_reduction="sum")
         # the optimizers average gradients over ranks, so scale by world_size to get a sum over ranks
-        (target_loss_sum * world_size / num_targets).backward()
+        loss = target_loss_sum * world_size / num_targets
+        (scaler.scale_loss(loss) if scaler else loss).backward()
         loss_sum += target_loss_sum.detach()
     return float(all_reduce_sum(loss_sum) / num_targets)
 

@@ -255,8 +255,7 @@ def train(args: argparse.Namespace, dist_info) -> None:
     if resumed is not None:
         loop.update(resumed.meta["loop_state"])
         set_rng_state(resumed.rank_state["rng"], device)
-    scaler = LossScaler.for_dtype(compute_dtype)  # fp16 (GPUs without bf16): dynamic loss scaling
-    scaler.load_state_dict(loop.get("loss_scaler"))
+    scaler = LossScaler.in_loop_state(device_type, loop)  # fp16 (GPUs without bf16): dynamic loss scaling
     if loop["step"] >= num_iterations:
         print0(f"{directory} is already trained to step {loop['step']} of {num_iterations}: nothing to do")
         return
@@ -301,8 +300,6 @@ def train(args: argparse.Namespace, dist_info) -> None:
         wandb_run.log({"step": step, "total_training_flops": flops_so_far, "core_metric": core})
 
     def save(step: int) -> None:
-        if scaler.enabled:
-            loop["loss_scaler"] = scaler.state_dict()
         step_meta = {"user_config": vars(args), "num_iterations": num_iterations, "loop_state": {**loop, "step": step},
                      "dataloader_state": loader_state}
         save_run_checkpoint("base", directory, step, orig_model, optimizers, tokenizer,

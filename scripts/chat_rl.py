@@ -35,6 +35,7 @@ from nanochat.common import (
     print0,
 )
 from nanochat.engine import Engine
+from nanochat.loss_scaling import LossScaler
 from nanochat.training import (
     RunError,
     StepTimer,
@@ -126,7 +127,8 @@ def gsm8k_reward(task: GSM8K, conversation: dict, completion: str) -> float:
 
 
 def policy_gradient_step(model, sequences: list[tuple[list[int], list[int]]], advantages: list[float],
-                         device_batch_size: int, pad_id: int, autocast, device: torch.device) -> float:
+                         device_batch_size: int, pad_id: int, autocast, device: torch.device,
+                         scaler: LossScaler | None = None) -> float:
     """Backward of -sum(advantage x log p(sampled token)) / (sampled tokens on all ranks), in passes of
     device_batch_size sequences. Returns that loss (summed over ranks). Masked tokens (prompt, forced tool output,
     padding) contribute nothing."""
@@ -141,7 +143,8 @@ def policy_gradient_step(model, sequences: list[tuple[list[int], list[int]]], ad
             token_nll = model(inputs, targets, loss_reduction="none")  # 0 where targets == -1
         # -logp = nll, so the loss is sum(advantage x nll); world_size undoes the optimizers' mean over ranks
         loss = (token_nll.float() * batch_advantages[:, None]).sum() / num_sampled
-        (loss * world_size).backward()
+        loss_to_backward = loss * world_size
+        (scaler.scale_loss(loss_to_backward) if scaler else loss_to_backward).backward()
         loss_sum += loss.detach()
     return float(all_reduce_sum(loss_sum))
 
@@ -206,6 +209,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     model, tokenizer, resumed = run.model, run.tokenizer, run.resumed
     start_step = resumed.step if resumed else 0
     loop_state = resumed.meta["loop_state"] if resumed else {"reward": None, "pass_at_k": None, "training_time": 0.0}
+    scaler = LossScaler.in_loop_state(dist_info.device_type, loop_state)  # fp16: dynamic loss scaling
     engine = Engine(model, tokenizer, require_confinement=False)  # weaker layers, warned, where no sandbox
     pad_id = tokenizer.encode_special(PAD_TOKEN)
 
@@ -275,9 +279,9 @@ def train(args: argparse.Namespace, dist_info) -> dict:
 
         lrm = lr_multiplier(step, num_steps, warmdown_ratio=1.0)  # linear decay to zero
         apply_schedule(optimizers, lrm, step)
-        loss = policy_gradient_step(model, sequences, advantages, args.device_batch_size, pad_id, autocast, device)
-        for optimizer in optimizers:
-            optimizer.step()
+        loss = policy_gradient_step(model, sequences, advantages, args.device_batch_size, pad_id, autocast, device,
+                                    scaler)
+        scaler.step(optimizers, model)
         model.zero_grad(set_to_none=True)
         step += 1
         dt, counts = timer.end(step - start_step)

@@ -22,6 +22,7 @@ from nanochat.chat_data import ConversationPacker, ConversationStream, merge_sta
 from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
 from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, parse_script_args, print0
 from nanochat.gpt import peak_flops
+from nanochat.loss_scaling import LossScaler
 from nanochat.training import (
     RunError,
     StepTimer,
@@ -159,6 +160,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         raise RunError(f"--max-seq-len={args.max_seq_len} is longer than the model's rotary table "
                        f"({model.rotary_len}); use a shorter --max-seq-len")
     train_model = compile_policy(model, args.compile, dist_info.device_type)
+    scaler = LossScaler.in_loop_state(dist_info.device_type, loop_state)  # fp16: dynamic loss scaling
 
     tokens_per_micro_batch = args.device_batch_size * args.max_seq_len * world_size
     if args.total_batch_size % tokens_per_micro_batch != 0:
@@ -226,9 +228,8 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         micro_batches = [packer.next_batch(args.device_batch_size, device) for _ in range(grad_accum_steps)]
         lrm = lr_multiplier(progress, 1.0, warmdown_ratio=args.warmdown_ratio)
         apply_schedule(optimizers, lrm, step)
-        train_loss = supervised_step(train_model, micro_batches, autocast)
-        for optimizer in optimizers:
-            optimizer.step()
+        train_loss = supervised_step(train_model, micro_batches, autocast, scaler)
+        scaler.step(optimizers, model)
         model.zero_grad(set_to_none=True)
         step += 1
         dt, counts = timer.end(step - start_step)
