@@ -40,6 +40,10 @@ FIRST_SEED = 42  # base_train's default: seed 42 of a configuration is what base
 CONFIGS = {
     "baseline": [],
     "rope100k": ["--rope-base=100000"],
+    "value_embeds": ["--value-embeddings"],
+    "scalars": ["--layer-scalars"],
+    "smear": ["--smear"],
+    "backout": ["--backout"],
 }
 
 TOKENS_PER_SECOND = re.compile(r"\| tok/s ([\d,]+) \|")

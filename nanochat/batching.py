@@ -21,7 +21,6 @@ goes away) ends a waiting request at once and frees a running one's rows at the 
 from __future__ import annotations
 
 import asyncio
-import copy
 import queue
 import threading
 import time
@@ -32,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.engine import Engine, Event, SampleStream
-from nanochat.gpt import KVCache
 from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
 
 # -----------------------------------------------------------------------------
@@ -170,13 +168,6 @@ class _Sample(SampleStream):
         self.tool_call: Future | None = None  # set while the sample waits for its python output
         self.last_token = request.prompt[-1]  # fed again (a dummy input) while the sample waits for a tool
         self.cached = len(request.prompt)  # positions in its KV cache row (kept here: no device sync to read it)
-
-
-def _row_view(cache: KVCache, start: int, stop: int) -> KVCache:
-    """Rows [start, stop) of `cache` as a KVCache sharing its memory, so a forward touches only those rows."""
-    view = copy.copy(cache)
-    view.k, view.v, view.pos = cache.k[:, start:stop], cache.v[:, start:stop], cache.pos[start:stop]
-    return view
 
 
 # -----------------------------------------------------------------------------
@@ -374,7 +365,7 @@ class Scheduler:
         padded = torch.zeros(count, longest, dtype=torch.long)
         for row, request in enumerate(requests):
             padded[row, :lengths[row]] = torch.tensor(request.prompt)
-        view = _row_view(self.cache, first, first + count)
+        view = self.cache.rows(first, first + count)
         view.pos.zero_()
         logits = self.engine.model(padded.to(self.device), kv_cache=view, logits_to_keep=keep)
         self.counters["prefill_passes"] += 1
@@ -408,7 +399,7 @@ class Scheduler:
         live = len(self.rows)
         inputs = [sample.last_token if tokens[sample] is None else tokens[sample] for sample in self.rows]
         inputs = torch.tensor(inputs, device=self.device)[:, None]
-        self.logits[:live] = self.engine.model(inputs, kv_cache=_row_view(self.cache, 0, live))[:, -1]
+        self.logits[:live] = self.engine.model(inputs, kv_cache=self.cache.rows(0, live))[:, -1]
         self.counters["forward_passes"] += 1
         if waiting_rows:
             self.cache.pos[waiting_rows] -= 1

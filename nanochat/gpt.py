@@ -1,15 +1,21 @@
-"""The GPT: a decoder-only transformer, told in order: config, KV cache, building blocks, the loss head, the model.
-Its linear layers and the CPU fast paths they take live in nanochat/kernels.py.
+"""The GPT: a decoder-only transformer, told in order: config, KV cache, building blocks, the model.
+Its linear layers and the CPU fast paths they take live in nanochat/kernels.py, its loss head in nanochat/loss_head.py.
 
 Choices, each a small departure from GPT-2 that modern models agree on:
 - rotary position embeddings (no learned positions), QK-norm for stable attention logits
 - parameter-free RMSNorm, ReLU² MLP, no biases anywhere
 - untied token embedding and LM head, logits soft-capped with tanh
 - grouped-query attention: n_kv_head key/value heads shared by n_head query heads
+
+Four optional changes from the 2026 speedrun recipes, each behind a GPTConfig field that is off by default (off, the
+model has today's parameters, state_dict and outputs): value embeddings, per-layer scalars, smear and backout. Each
+new parameter starts where the change is a no-op or a plain copy (see GPT.init_weights), so a fresh model trains like
+the plain one from step 0; they are unmeasured at scale (bench/recipe.py ablates them).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanochat.common import get_dist_info
-from nanochat.kernels import Linear, matmul, onednn_ready, tanh_
+from nanochat.kernels import Linear, tanh_
+from nanochat.loss_head import softcapped_cross_entropy
 from nanochat.optim import DistAdamW, DistMuon, Muon
 from nanochat.plan import PEAK_FLOPS, shape_from_depth
 from nanochat.sampling import draw_uniforms, sample_generators, sample_next_tokens, sampling_tensors
@@ -33,6 +40,11 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
     n_embd: int = 768
     rope_base: float = 10000.0  # rotary base frequency; metas written before this field load with the default
+    # the 2026-recipe changes (metas written before these fields load with them off, today's model)
+    value_embeddings: bool = False  # alternating layers (the last included) add a 2nd token embedding to the values
+    layer_scalars: bool = False  # per layer: a learned scale of the residual entering it, and a share of x0 added
+    smear: bool = False  # every position adds a gated share of the previous token's embedding
+    backout: bool = False  # a learned share of the mid-depth residual is subtracted before the final norm
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -41,6 +53,19 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError("the head dimension must be even for rotary embeddings")
+
+
+# The gates (value embeddings' per head, smear's) read only the first few channels of their input: enough to tell
+# tokens and contexts apart, at a cost that does not grow with width.
+GATE_CHANNELS = 32
+# AdamW's lr for the gates and scalars, not width-scaled (each one's effect does not grow with the width): it moves a
+# scalar by up to ~0.02 a step, so a lambda can travel O(1) over a few hundred steps without jumping there at once.
+SCALAR_LR = 0.02
+
+
+def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
+    """Value embeddings sit on every other layer, counted from the last one (which always has one)."""
+    return (n_layer - 1 - layer_idx) % 2 == 0
 
 
 def model_config_from_depth(depth: int, vocab_size: int, sequence_len: int) -> GPTConfig:
@@ -76,6 +101,11 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached so far, per row
+        # The token ids at each cached position, for smear: a chunk's first position mixes in the embedding of the
+        # token before it. Kept per position rather than as "the last embedding seen" so that it stays right where a
+        # row's position is set back: a right-padded batched prefill (batching, CORE), a row rolled back while it
+        # waits for a tool. The embedding is one lookup away. (B x seq_len ids: small next to k and v.)
+        self.tokens = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
         self.max_seq_len = seq_len
 
     @property
@@ -90,7 +120,15 @@ class KVCache:
         length = int(src.pos[src_row])
         self.k[:, dst_row, :, :length] = src.k[:, src_row, :, :length]
         self.v[:, dst_row, :, :length] = src.v[:, src_row, :, :length]
+        self.tokens[dst_row, :length] = src.tokens[src_row, :length]
         self.pos[dst_row] = length
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a KVCache sharing this one's memory, so a forward touches only those rows."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.pos, view.tokens = self.pos[start:stop], self.tokens[start:stop]
+        return view
 
 
 # -----------------------------------------------------------------------------
@@ -120,13 +158,25 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
+        # value embeddings: one gate per key/value head, read from the input's first channels (a plain parameter,
+        # not a Linear: quantization and packing, which swap every Linear, must leave it alone)
+        gated = config.value_embeddings and has_value_embedding(layer_idx, config.n_layer)
+        gate = nn.Parameter(torch.zeros(self.n_kv_head, min(GATE_CHANNELS, config.n_embd))) if gated else None
+        self.register_parameter("ve_gate", gate)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None, positions, cache_len: int, start: int | None):
-        """positions: (B, T) cache positions of this chunk; start: their first one when all rows share it."""
+    def forward(self, x, value_embedding, cos, sin, kv_cache: KVCache | None, positions, cache_len: int,
+                start: int | None):
+        """value_embedding: (B, T, kv width) rows of this layer's table, or None; positions: (B, T) cache positions
+        of this chunk; start: their first one when all rows share it."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if value_embedding is not None:
+            # gate in (0, 2): 1 while the gate's weights are zero (at init), so the row starts as a plain addend
+            gate = 2 * torch.sigmoid(x[..., :self.ve_gate.size(1)] @ self.ve_gate.T)  # (B, T, n_kv_head)
+            v = v + gate[..., None] * value_embedding.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.transpose(1, 2)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
         gqa = self.n_head != self.n_kv_head
 
@@ -173,76 +223,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, positions, cache_len, start):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, positions, cache_len, start)
+    def forward(self, x, value_embedding, cos, sin, kv_cache, positions, cache_len, start):
+        x = x + self.attn(norm(x), value_embedding, cos, sin, kv_cache, positions, cache_len, start)
         return x + self.mlp(norm(x))
-
-
-# -----------------------------------------------------------------------------
-# The loss head: LM head + softcap + cross-entropy in one pass over row chunks
-#
-# Eager PyTorch materializes (B*T, vocab) fp32 logits several times (tanh, log_softmax, their backwards, a zero-filled
-# gradient) and walks them again in backward. Here each chunk of rows computes its logits, loss and the gradient of the
-# loss with respect to its logits in one go (d/dz of CE is softmax - onehot; the softcap's derivative is 1 - tanh²),
-# turns that into the gradients of the hidden states and the LM head at once, and is freed; backward only scales them.
-# Measured (1 CPU thread, process CPU time, depth 4, batch 8x256): forward+backward 1070 -> 800 ms at vocab 8192
-# (1.33x), 2820 -> 2000 ms at vocab 32768 (1.41x), against the plain expression in GPT.forward.
-# On CUDA, torch.compile traces through it (the chunk loop unrolls) and the point is memory: the full logits of
-# 32 x 2048 tokens at a 65k vocab are 7.5 GiB in bf16. Depth 20 base_train on an H200 capped at 80,000 MiB (what an
-# 80 GB H100 leaves a process): the plain expression ran out of memory at its logits, this form peaked at 77.1 GiB.
-# Uncapped, base_train ran at 52.5-52.9% MFU with it (forward+backward alone: 1% slower than the plain expression).
-
-
-class _SoftcappedCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, reduction: str,
-                chunk_rows: int = 256):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        valid = targets != -1
-        safe_targets = targets.clamp(min=0)[:, None]
-        divisor = valid.sum().clamp(min=1) if reduction == "mean" else torch.ones((), dtype=torch.long)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if needs_grad else None
-        # on the oneDNN path the head's gradient is summed transposed, (n_embd, vocab): oneDNN copies a transposed left
-        # operand, and grad_logits.T (vocab, chunk) is a far bigger copy than xc.T (n_embd, chunk)
-        onednn = onednn_ready(x, weight)
-        grad_weight = None
-        if needs_grad:
-            grad_weight = weight.new_zeros(weight.T.shape) if onednn else torch.zeros_like(weight)
-        for start in range(0, x.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            xc, row_valid = x[rows], valid[rows, None]
-            t = tanh_(matmul(xc, weight.T).float().div_(softcap))  # logits = softcap * t, bounded by +-softcap
-            probs = (t * softcap).exp_()  # |logits| <= softcap = 15: exp cannot overflow, no max-subtraction needed
-            sum_exp = probs.sum(dim=-1, keepdim=True)
-            target_logit = t.gather(1, safe_targets[rows]) * softcap
-            loss += ((sum_exp.log() - target_logit) * row_valid).sum()
-            if not needs_grad:
-                continue
-            probs.div_(sum_exp).scatter_add_(1, safe_targets[rows], -torch.ones_like(target_logit))
-            grad_logits = probs.mul_(t.square_().neg_().add_(1)).mul_(row_valid).to(x.dtype)
-            grad_x[rows] = matmul(grad_logits, weight)
-            if onednn:
-                grad_weight += matmul(xc.T, grad_logits)
-            else:
-                grad_weight.addmm_(grad_logits.T.to(weight.dtype), xc.to(weight.dtype))  # autocast makes them bf16
-        if needs_grad:
-            grad_weight = grad_weight.T.contiguous() if onednn else grad_weight
-            ctx.save_for_backward(grad_x.div_(divisor), grad_weight.div_(divisor))
-        return loss / divisor
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None, None
-
-
-def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                             reduction: str = "mean", chunk_rows: int = 256) -> torch.Tensor:
-    """cross_entropy(softcap * tanh((x @ weight.T) / softcap), targets, ignore_index=-1), chunked; see above."""
-    if not 0 < softcap <= 80:
-        raise ValueError(f"softcap must be in (0, 80] so exp(logit) fits in fp32 without max-subtraction, got {softcap}")
-    return _SoftcappedCrossEntropy.apply(x, weight, targets, softcap, reduction, chunk_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -260,11 +243,40 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self._add_recipe_parameters(config)
         # rotary tables cover 10x the training context so the KV cache can decode past it
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_tables(self.rotary_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def _add_recipe_parameters(self, c: GPTConfig) -> None:
+        """The parameters of the 2026-recipe changes that are on (none by default). Every scalar reaches the activations
+        as a 0-d tensor (a per-layer one indexed): times a bf16 activation it stays bf16, where a 1-d one would
+        promote the product to fp32."""
+        kv_width = c.n_kv_head * (c.n_embd // c.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(c.vocab_size, kv_width) for i in range(c.n_layer)
+                                           if c.value_embeddings and has_value_embedding(i, c.n_layer)})
+        if c.layer_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(c.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(c.n_layer))
+        if c.smear:
+            self.smear_gate = nn.Parameter(torch.zeros(min(GATE_CHANNELS, c.n_embd)))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        if c.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(()))
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """The gates' weights: small matmuls over a few input channels."""
+        gates = [block.attn.ve_gate for block in self.transformer.h if block.attn.ve_gate is not None]
+        return gates + ([self.smear_gate] if self.config.smear else [])
+
+    def scalar_parameters(self) -> list[nn.Parameter]:
+        """The learned scalars: elementwise scales, no matmul."""
+        names = ["resid_lambdas", "x0_lambdas"] if self.config.layer_scalars else []
+        names += ["smear_lambda"] if self.config.smear else []
+        names += ["backout_lambda"] if self.config.backout else []
+        return [getattr(self, name) for name in names]
 
     @staticmethod
     def _rotary_tables(length: int, head_dim: int, base: float):
@@ -276,7 +288,11 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """Init scheme: embeddings N(0, 1); input projections (q, k, v, fc) N(0, 1/sqrt(fan_in)) so activations
         keep unit scale; output projections (attn and MLP c_proj) zero so every block starts as the identity;
-        LM head N(0, 0.001) so the first loss is ~ln(vocab)."""
+        LM head N(0, 0.001) so the first loss is ~ln(vocab).
+        The 2026-recipe parameters start where their change is a no-op or a plain copy: value-embedding tables
+        N(0, 1) like the token embedding (as large as the values they join: c_proj is zero, so a fresh model's output
+        is the plain one's and gradients reach the tables at once) behind gates at 1; resid_lambdas 1, x0_lambdas 0;
+        smear's and backout's lambdas 0 (off until they learn otherwise)."""
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
@@ -284,6 +300,12 @@ class GPT(nn.Module):
                 nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features ** -0.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        for table in self.value_embeds.values():  # after the weights above: their random draws stay today's
+            nn.init.normal_(table.weight, mean=0.0, std=1.0)
+        for parameter in self.gate_parameters() + self.scalar_parameters():
+            nn.init.zeros_(parameter)  # value gates at 1; smear's gate weights at 0 behind its lambda of 0
+        if self.config.layer_scalars:
+            nn.init.ones_(self.resid_lambdas)
         cos, sin = self._rotary_tables(self.rotary_len, self.config.n_embd // self.config.n_head,
                                        self.config.rope_base)
         self.cos.copy_(cos)
@@ -302,35 +324,48 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters by role: the embedding is a lookup (no FLOPs), the LM head and the hidden matrices are matmuls."""
-        embedding = self.transformer.wte.weight.numel()
+        """Parameters by role: the embeddings (the token one and any value-embedding tables) are lookups (no FLOPs),
+        the LM head and the hidden matrices are matmuls; "gates_and_scalars" appears when a 2026-recipe change is on."""
+        embedding = sum(p.numel() for p in [self.transformer.wte.weight, *self.value_embeds.parameters()])
         lm_head = self.lm_head.weight.numel()
-        hidden = sum(p.numel() for p in self.transformer.h.parameters())
-        return {"embedding": embedding, "lm_head": lm_head, "hidden_matrices": hidden,
-                "total": embedding + lm_head + hidden}
+        small = self.gate_parameters() + self.scalar_parameters()
+        small_ids = {id(p) for p in small}
+        hidden = sum(p.numel() for p in self.transformer.h.parameters() if id(p) not in small_ids)
+        counts = {"embedding": embedding, "lm_head": lm_head, "hidden_matrices": hidden}
+        if small:
+            counts["gates_and_scalars"] = sum(p.numel() for p in small)
+        return {**counts, "total": sum(counts.values())}
 
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention's score/value matmuls.
-        The embedding is a lookup, not a matmul, so it is left out."""
+        The embeddings are lookups, not matmuls, so they are left out, and so are the scalars (elementwise)."""
         c = self.config
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
+        counts = self.param_counts()
+        matmul_params = counts["lm_head"] + counts["hidden_matrices"] + sum(p.numel() for p in self.gate_parameters())
         head_dim = c.n_embd // c.n_head
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * head_dim * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
                          weight_decay: float = 0.0) -> list[torch.optim.Optimizer]:
-        """[AdamW for the embedding and LM head, Muon for the hidden matrices]; their distributed forms under torchrun
-        (which also average the gradients across ranks: there is no DDP wrapper).
+        """[AdamW for the embeddings, the LM head and any gates and scalars, Muon for the hidden matrices]; their
+        distributed forms under torchrun (which also average the gradients across ranks: there is no DDP wrapper).
 
         The AdamW learning rates were tuned at width 768 and scale as 1/sqrt(width) (the logits' sensitivity to each
         embedding/unembedding entry grows with width). Muon's update is orthogonal, so its lr needs no width scaling.
+        Value-embedding tables are embeddings and train with the token embedding. The gates and scalars (not
+        matrices Muon could orthogonalize) get a group of their own, only when there are any (so today's optimizer
+        state keeps its groups), at SCALAR_LR and without weight decay, which would pull resid_lambdas to 0, not 1.
         Every group records its "initial_lr" for the schedule."""
         ddp = get_dist_info().ddp
         width_scale = (self.config.n_embd / 768) ** -0.5
+        embeddings = [*self.transformer.wte.parameters(), *self.value_embeds.parameters()]
         adamw_groups = [
             {"params": list(self.lm_head.parameters()), "lr": unembedding_lr * width_scale},
-            {"params": list(self.transformer.wte.parameters()), "lr": embedding_lr * width_scale},
+            {"params": embeddings, "lr": embedding_lr * width_scale},
         ]
+        small = self.gate_parameters() + self.scalar_parameters()
+        if small:
+            adamw_groups.append({"params": small, "lr": SCALAR_LR, "weight_decay": 0.0})
         # betas (0.8, 0.95) and a tiny eps are nanochat's settings: faster-moving moments suit the short runs here
         adamw_kwargs = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": weight_decay}
         if ddp:
@@ -338,7 +373,9 @@ class GPT(nn.Module):
         else:
             adamw = torch.optim.AdamW(adamw_groups, fused=self.get_device().type in ("cuda", "cpu"), **adamw_kwargs)
         muon_class = DistMuon if ddp else Muon
-        muon = muon_class(self.transformer.h.parameters(), lr=matrix_lr, momentum=0.95)
+        small_ids = {id(p) for p in small}
+        matrices = [p for p in self.transformer.h.parameters() if id(p) not in small_ids]
+        muon = muon_class(matrices, lr=matrix_lr, momentum=0.95)
         optimizers = [adamw, muon]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -388,18 +425,46 @@ class GPT(nn.Module):
                 raise ValueError(f"KV cache holds {kv_cache.max_seq_len} positions; {cache_len} needed")
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (B, 1, T, D/2)
 
+        x = self._embed(idx)
+        if self.config.smear:
+            x = self._smear(x, idx, kv_cache, positions)
+        x0, mid_residual = x, None
+        for i, block in enumerate(self.transformer.h):
+            if i == self.config.n_layer // 2:
+                mid_residual = x  # after the first half of the layers: what backout subtracts a share of
+            if self.config.layer_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            value_embedding = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, value_embedding, cos, sin, kv_cache, positions, cache_len, start)
+        if self.config.backout:
+            x = x - self.backout_lambda * mid_residual
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return norm(x)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids -> their normed embeddings, the start of the residual stream."""
         x = self.transformer.wte(idx)
         if torch.is_autocast_enabled(x.device.type):
             # The residual stream in the compute dtype (bf16 on CUDA), not the embedding's fp32: the activations
             # saved for backward halve. Depth 20 at 32 x 2048 tokens per GPU (H200, compiled), with the chunked loss
             # head: peak memory 88.9 -> 76.1 GiB, MFU 52.2% -> 52.6%, the same losses to 4 digits.
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache, positions, cache_len, start)
-        if kv_cache is not None:
-            kv_cache.pos += T
         return norm(x)
+
+    def _smear(self, x: torch.Tensor, idx: torch.Tensor, kv_cache: KVCache | None, positions) -> torch.Tensor:
+        """x_t + smear_lambda * sigmoid(smear_gate . x_t[:32]) * x_(t-1): a share of the previous token's normed
+        embedding, gated by the current one's. A sequence's first position has no previous token. With a cache, a
+        chunk's first position takes it from the row's cached tokens, and the chunk's tokens are cached, so a decode
+        continues exactly where the forward over the whole sequence would be."""
+        previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        if kv_cache is not None:
+            rows = torch.arange(idx.size(0), device=idx.device)
+            last_token = kv_cache.tokens[rows, (kv_cache.pos - 1).clamp(min=0)]
+            previous[:, 0] = self._embed(last_token) * (kv_cache.pos > 0)[:, None].to(x.dtype)  # none at position 0
+            kv_cache.tokens[rows[:, None], positions] = idx
+        gate = self.smear_lambda * torch.sigmoid(x[..., :self.smear_gate.numel()] @ self.smear_gate)  # (B, T)
+        return x + gate[..., None] * previous
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,

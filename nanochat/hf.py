@@ -143,7 +143,7 @@ def check_exportable(model: GPT, tokenizer: Tokenizer) -> None:
         value = getattr(config, field.name)
         if field.name not in EXPRESSIBLE_FIELDS and value != field.default:
             raise ExportError(f"GPTConfig.{field.name}={value!r} has no counterpart in transformers' NanoChat: "
-                              "export a model that keeps its default, or use --format c")
+                              "only a model trained with its default can be exported to transformers")
     if config.vocab_size < tokenizer.get_vocab_size():
         raise ExportError(f"the model has {config.vocab_size} token embeddings but the tokenizer has "
                           f"{tokenizer.get_vocab_size()} tokens: export the tokenizer the model was trained with")

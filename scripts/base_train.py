@@ -73,7 +73,8 @@ RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_siz
                                        "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
                                        "unembedding_lr", "matrix_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
                                        "final_lr_frac", "data", "val_data"]),
-                      "seed": 42, "rope_base": 10000.0}
+                      "seed": 42, "rope_base": 10000.0,
+                      **dict.fromkeys(["value_embeddings", "layer_scalars", "smear", "backout"], False)}
 
 
 # -----------------------------------------------------------------------------
@@ -92,6 +93,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=20, help="number of layers; width and heads follow")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 512 else)")
     parser.add_argument("--rope-base", type=float, default=10000.0, help="rotary embeddings' base frequency")
+    # the 2026-recipe model changes (nanochat/gpt.py), off by default and unmeasured at scale
+    parser.add_argument("--value-embeddings", action="store_true",
+                        help="every other layer (the last included) adds a gated second token embedding to its values")
+    parser.add_argument("--layer-scalars", action="store_true",
+                        help="per layer, learned scalars: one scales the residual entering it, one adds back a share "
+                             "of the initial embedding")
+    parser.add_argument("--smear", action="store_true",
+                        help="each position adds a gated share of the previous token's embedding")
+    parser.add_argument("--backout", action="store_true",
+                        help="subtract a learned share of the mid-depth residual before the final norm")
     parser.add_argument("--seed", type=int, default=42, help="seed of the weight init (the data order is fixed)")
     # the token budget, by precedence
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides the two below)")
@@ -209,7 +220,9 @@ def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: i
         set_aside_previous_run(directory, dist_info.master)
     if resumed is not None:
         return resumed.model, resumed
-    config = replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len), rope_base=args.rope_base)
+    config = replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len), rope_base=args.rope_base,
+                     value_embeddings=args.value_embeddings, layer_scalars=args.layer_scalars, smear=args.smear,
+                     backout=args.backout)
     return build_model({"model_config": asdict(config)}, dist_info.device, "train"), None
 
 
