@@ -9,11 +9,13 @@ fi
 PY=.venv/bin/python
 
 # The chat page is tested in a real headless browser (Debian's Chromium and its driver); the python tool's
-# sandbox runs under bubblewrap, and its tests attack it for real.
+# sandbox runs under bubblewrap, and its tests attack it for real; the C runner (runc/) needs a C compiler and make.
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v bwrap >/dev/null || missing+=(bubblewrap)
+command -v "${CC:-cc}" >/dev/null || missing+=(gcc)
+command -v make >/dev/null || missing+=(make)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -45,6 +47,9 @@ fi
 # The linters come first: a lint failure fails the run before the suites start.
 "$PY" -m ruff check nanochat scripts tasks report bench tests
 (cd rustbpe && cargo fmt --check && cargo clippy --quiet --all-targets -- -D warnings)
+
+# The C runner: runc/run, the portable build (tests/test_runc.py builds its own copy the same way).
+make -s -C runc
 
 (cd rustbpe && cargo test --quiet)
 "$PY" -m pytest -q "$@"
