@@ -6,6 +6,11 @@ Layout: $NANOCHAT_BASE_DIR/{base,mid,chatsft,chatrl}_checkpoints/<tag>/
                                     shard their state across ranks), plus whatever else the stage puts there
     meta_<step:06d>.json            model config, tokenizer fingerprint, step, loop and dataloader state
 
+A LoRA checkpoint (chat_sft --lora-rank) stores only the adapters in model_<step>.pt; its meta's "lora" entry holds
+the settings and the base checkpoint they adapt (stage, tag, step, sha256 of its weights file). build_model rebuilds
+the base with the adapters on top (what a resumed LoRA run trains), and load_model folds them in: every script that
+loads a model gets an ordinary GPT either way.
+
 Every file is written atomically (temp name, fsync, rename) and the meta file last, after all ranks finished their
 files: a step whose meta exists is complete, and find_last_step only ever returns complete steps.
 """
@@ -23,6 +28,7 @@ import torch.distributed as dist
 
 from nanochat.common import atomic_torch_save, atomic_write_text, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.lora import LoRASettings, apply_lora, file_fingerprint, load_adapter_state, merge_lora
 
 CHECKPOINT_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                    "rl": "chatrl_checkpoints"}
@@ -146,9 +152,12 @@ def load_checkpoint(checkpoint_dir: Path, step: int, device, load_optimizer: boo
 
 def build_model(meta: dict, device, phase: str, model_state: dict | None = None, source: str = "") -> GPT:
     """The GPT described by meta["model_config"] on `device`, with `model_state` loaded (fresh init_weights() when it
-    is None), in train or eval mode. A state that does not fit the config raises a CheckpointError."""
+    is None), in train or eval mode. A state that does not fit the config raises a CheckpointError. A LoRA meta
+    gives its base model, frozen, with the adapters of `model_state` on top (see build_lora_model)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    if "lora" in meta and model_state is not None:
+        return build_lora_model(meta, device, phase, model_state, source)
     config = GPTConfig(**meta["model_config"])
     device = torch.device(device)
     with torch.device(device):
@@ -192,7 +201,71 @@ def load_model(source: str, device, phase: str, tag: str | None = None, step: in
     tokenizer = get_tokenizer()
     check_tokenizer(meta, tokenizer, meta_path(checkpoint_dir, step))
     model = build_model(meta, device, phase, model_state, source=str(model_path(checkpoint_dir, step)))
+    if "lora" in meta:
+        merge_lora(model).train(phase == "train")
     return model, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# LoRA checkpoints: adapters over a base checkpoint named by its weights' hash
+
+
+def stage_checkpoint_dir(stage: str, tag: str) -> Path:
+    return get_base_dir() / CHECKPOINT_DIRS[stage] / tag
+
+
+def base_reference(source: dict) -> dict:
+    """What a LoRA checkpoint keeps of the checkpoint it adapts (source: {"stage", "tag", "step"}): that, and the
+    sha256 of its weights file."""
+    path = model_path(stage_checkpoint_dir(source["stage"], source["tag"]), source["step"])
+    return {"stage": source["stage"], "tag": source["tag"], "step": source["step"],
+            "model_sha256": file_fingerprint(path)}
+
+
+def build_lora_model(meta: dict, device, phase: str, adapter_state: dict, source: str) -> GPT:
+    """The base checkpoint that meta["lora"] names, checked against its sha256, frozen, with the adapters on top."""
+    where = source or "the LoRA checkpoint"
+    try:
+        settings, base = LoRASettings.from_meta(meta["lora"]), meta["lora"]["base"]
+        base_dir = stage_checkpoint_dir(base["stage"], base["tag"])
+        base_file, saved_sha256 = model_path(base_dir, base["step"]), base["model_sha256"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the LoRA settings in the meta of {where} are corrupt ({type(e).__name__}: {e})") from e
+    what = f"{where} holds LoRA adapters over the {base['stage']} checkpoint {base['tag']} step {base['step']}"
+    fix = (f"restore that checkpoint (a fresh run of a stage sets the previous one aside as {base['tag']}.replaced-*), "
+           "or finetune anew on the current one; `chat_sft --merge` folds adapters into a standalone checkpoint "
+           "while their base is still there")
+    if not base_file.is_file():
+        raise CheckpointError(f"{what}, but {base_file} is missing: {fix}")
+    current_sha256 = file_fingerprint(base_file)
+    if current_sha256 != saved_sha256:
+        raise CheckpointError(f"{what}, but {base_file} has changed since (sha256 {saved_sha256[:12]}... then, "
+                              f"{current_sha256[:12]}... now): {fix}")
+    base_state, _, base_meta = load_checkpoint(base_dir, base["step"], device)
+    if GPTConfig(**base_meta["model_config"]) != GPTConfig(**meta["model_config"]):
+        raise CheckpointError(f"{what}, whose model config differs from the one in its meta: {fix}")
+    model = apply_lora(build_model(base_meta, device, phase, base_state, source=str(base_file)), settings)
+    try:
+        load_adapter_state(model, adapter_state)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}. The files come from different runs; delete this step or retrain") from e
+    return model
+
+
+def merged_lora_checkpoint(checkpoint_dir: Path, step: int | None, device="cpu") -> tuple[dict, dict]:
+    """(model_state, meta) of a full checkpoint equal to a LoRA checkpoint with its adapters folded in: the meta is
+    an ordinary one (no training state to resume; "merged_from" says where it came from). A CheckpointError for a
+    checkpoint that is not a LoRA one."""
+    step = find_last_step(checkpoint_dir) if step is None else step
+    meta = load_meta(checkpoint_dir, step)
+    if "lora" not in meta:
+        raise CheckpointError(f"{meta_path(checkpoint_dir, step)} is a full checkpoint, not a LoRA one: there is "
+                              "nothing to merge, load it as it is (or pass the tag and step of a LoRA run)")
+    adapters = _load_torch(model_path(checkpoint_dir, step), device, "LoRA adapter weights")
+    model = merge_lora(build_lora_model(meta, device, "eval", adapters, str(model_path(checkpoint_dir, step))))
+    merged_meta = {key: value for key, value in meta.items() if key not in ("lora", "rank_states", "loop_state")}
+    merged_meta["merged_from"] = {"tag": Path(checkpoint_dir).name, "step": step, "lora": meta["lora"]}
+    return model.state_dict(), merged_meta
 
 
 def check_tokenizer(meta: dict, tokenizer, where: Path) -> None:

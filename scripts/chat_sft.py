@@ -8,17 +8,29 @@ multiple-choice accuracy on the ARC test sets (the letter with the highest logit
 
     python -m scripts.chat_sft
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
+    python -m scripts.chat_sft --lora-rank 8            # LoRA: train low-rank adapters, the base model frozen
+    python -m scripts.chat_sft --merge --model-tag d20  # fold a LoRA checkpoint into a full one, under d20-merged
 
 Reads the latest mid checkpoint (--source base: the base model), writes $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/.
+A LoRA checkpoint holds only the adapters and names its base checkpoint (nanochat/lora.py); every script loads it as
+an ordinary model, as long as that base checkpoint is still there.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from nanochat import lora
 from nanochat.categorical_eval import run_categorical_eval
 from nanochat.chat_data import ConversationStream, PaddedBatcher, merge_stats
-from nanochat.checkpoint import gather_rank_states, rng_state, set_rng_state
+from nanochat.checkpoint import (
+    base_reference,
+    gather_rank_states,
+    merged_lora_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, parse_script_args, print0
 from nanochat.gpt import peak_flops
 from nanochat.training import (
@@ -30,6 +42,7 @@ from nanochat.training import (
     apply_schedule,
     check_every_flags,
     check_run_arguments,
+    checkpoint_dir,
     cli,
     compile_policy,
     due,
@@ -38,7 +51,9 @@ from nanochat.training import (
     min_or_none,
     open_chat_run,
     save_run_checkpoint,
+    set_aside_previous_run,
     setup_optimizers,
+    source_tag,
     step_line,
     supervised_step,
 )
@@ -54,7 +69,10 @@ from tasks.spellingbee import SpellingBee
 # flags that define the run: --resume with different values would not continue the same run
 RUN_DEFINING_FLAGS = dict.fromkeys(["source", "max_seq_len", "device_batch_size", "examples_per_step",
                                     "num_iterations", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
-                                    "init_lr_frac"])
+                                    "init_lr_frac", "lora_rank", "lora_alpha", "lora_targets", "lora_lr"])
+# --merge writes the full checkpoint of LoRA tag T under the tag T + this: a step of T itself would become the run's
+# last step (what --resume and --keep-checkpoints act on), and T's LoRA steps would stay what T means
+MERGED_TAG_SUFFIX = "-merged"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-metrics-max-problems", type=int, default=None,
                         help="problems per ARC subset (default: 1024 on CUDA, 100 elsewhere)")
     parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: end only)")
+    lora.add_lora_arguments(parser)
+    parser.add_argument("--merge", action="store_true",
+                        help=f"fold the LoRA SFT checkpoint of --model-tag (default: the largest) and --step (default: "
+                             f"the last) into a full one under the tag <tag>{MERGED_TAG_SUFFIX}, and exit")
     args = parse_script_args(parser, argv)
+    if args.merge and (args.resume or args.lora_rank is not None):
+        parser.error("--merge folds an existing LoRA checkpoint (--model-tag, --step): it takes no --resume or "
+                     "--lora-* flags")
     for flag in ("max_seq_len", "device_batch_size", "examples_per_step", "eval_steps", "eval_metrics_max_problems"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -92,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_every_flags(parser, args, "eval_every", "eval_metrics_every", "save_every")
     check_run_arguments(parser, args)
     check_conversation_arguments(parser, args)
+    lora.check_lora_arguments(parser, args)
     return args
 
 
@@ -127,6 +153,8 @@ def mc_tasks(max_problems: int) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     dist_info = compute_init(args.device_type or None)
     try:
         return train(args, dist_info)
@@ -147,6 +175,13 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     custom = custom_tasks(args.conversations)  # a bad line stops the run here, before anything is touched
     run = open_chat_run("sft", args.source, args, RUN_DEFINING_FLAGS, dist_info)
     model, tokenizer, resumed = run.model, run.tokenizer, run.resumed
+    lora_settings = lora.settings_from_args(args)
+    lora_meta = None
+    if lora_settings is not None:  # a resumed LoRA run's model already carries its adapters (build_model)
+        lora_meta = resumed.meta["lora"] if resumed else lora.lora_meta(lora_settings, base_reference(run.source))
+        if not resumed:
+            lora.apply_lora(model, lora_settings)
+        print0(lora.describe(model, lora_settings))
     start_step = resumed.step if resumed else 0
     loop_state = (resumed.meta["loop_state"] if resumed else
                   {"val_loss": None, "min_val_loss": None, "train_loss": None, "mc_accuracy": {}, "training_time": 0.0})
@@ -158,7 +193,9 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         raise RunError(f"--examples-per-step={args.examples_per_step} must be a multiple of --device-batch-size x "
                        f"ranks = {rows_per_micro_batch}")
     grad_accum_steps = args.examples_per_step // rows_per_micro_batch
-    optimizers = setup_optimizers(model, args, resumed.optimizer_states if resumed else None)
+    optimizer_states = resumed.optimizer_states if resumed else None
+    optimizers = (lora.setup_optimizers(model, args.lora_lr, args.weight_decay, optimizer_states) if lora_settings
+                  else setup_optimizers(model, args, optimizer_states))
 
     train_task, train_sizes, train_missing = train_mixture(custom, args.mix, args.identity)
     val_task = SmolTalk(split="test")
@@ -195,10 +232,11 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     def save(step: int) -> None:
         save_run_checkpoint("sft", run.directory, step, model, optimizers, tokenizer,
                             {"data": batcher.state_dict(), "rng": rng_state(device)},
-                            {"source": run.source, "loop_state": loop_state, "user_config": user_config}, rank,
-                            keep=args.keep_checkpoints)
+                            {"source": run.source, "loop_state": loop_state, "user_config": user_config,
+                             **({"lora": lora_meta} if lora_meta else {})}, rank, keep=args.keep_checkpoints,
+                            model_state=(lambda: lora.adapter_state(model)) if lora_meta else None)
 
-    flops_per_token = model.estimate_flops()
+    flops_per_token = lora.estimate_flops(model) if lora_settings else model.estimate_flops()
     peak = peak_flops(device)
     train_losses: dict[int, float] = {}
     val_losses: dict[int, float] = {}
@@ -241,7 +279,8 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         user_config,
         {"source model": f"{run.source['stage']} {run.source['tag']} step {run.source['step']}",
          "training mixture": {**train_sizes, "total": len(train_task)},
-         "tasks left out": ", ".join(train_missing) or "none"},
+         "tasks left out": ", ".join(train_missing) or "none",
+         "trained weights": lora.describe(model, lora_settings) if lora_settings else "all (full finetuning)"},
         {"conversations trained on": stats.conversations, "conversations truncated": stats.truncated,
          "conversations dropped": stats.dropped, "supervised tokens": stats.supervised_tokens},
         {"steps": step, "final train loss": loop_state["train_loss"], "final validation loss": loop_state["val_loss"],
@@ -251,7 +290,21 @@ def train(args: argparse.Namespace, dist_info) -> dict:
     ])
     wandb_run.finish()
     return {"train_losses": train_losses, "val_losses": val_losses, "mc_accuracy": loop_state["mc_accuracy"],
-            "tag": run.tag, "stats": stats}
+            "tag": run.tag, "stats": stats, "lora": lora_meta}
+
+
+def merge(args: argparse.Namespace) -> dict:
+    """--merge: the LoRA checkpoint folded into a full SFT checkpoint (same step) under <tag>-merged, written
+    atomically; an earlier merge of that tag is set aside, not overwritten."""
+    tag = source_tag("sft", args.model_tag)
+    model_state, meta = merged_lora_checkpoint(checkpoint_dir("sft", tag), args.step)
+    merged_tag = tag + MERGED_TAG_SUFFIX
+    directory = checkpoint_dir("sft", merged_tag)
+    set_aside_previous_run(directory, master=True)
+    save_checkpoint(directory, meta["step"], model_state, None, meta)
+    print0(f"merged the LoRA checkpoint {tag} step {meta['step']} into {directory}: load it with --tag "
+           f"{merged_tag} (python -m scripts.chat_cli --tag {merged_tag})")
+    return {"tag": merged_tag, "step": meta["step"], "directory": directory}
 
 
 if __name__ == "__main__":
