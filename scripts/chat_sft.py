@@ -33,6 +33,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.common import autocast_context, compute_cleanup, compute_init, get_wandb, parse_script_args, print0
 from nanochat.gpt import peak_flops
+from nanochat.loss_scaling import LossScaler
 from nanochat.training import (
     RunError,
     StepTimer,
@@ -187,6 +188,7 @@ def train(args: argparse.Namespace, dist_info) -> dict:
                   {"val_loss": None, "min_val_loss": None, "train_loss": None, "mc_accuracy": {}, "training_time": 0.0})
     # rows are padded to the longest conversation of their batch: a new shape nearly every step
     train_model = compile_policy(model, args.compile, dist_info.device_type, default_on_cuda=False)
+    scaler = LossScaler.in_loop_state(dist_info.device_type, loop_state)  # fp16: dynamic loss scaling
 
     rows_per_micro_batch = args.device_batch_size * world_size
     if args.examples_per_step % rows_per_micro_batch != 0:
@@ -259,9 +261,8 @@ def train(args: argparse.Namespace, dist_info) -> dict:
         micro_batches = [batcher.next_batch(args.device_batch_size, device) for _ in range(grad_accum_steps)]
         lrm = lr_multiplier(step, num_iterations, warmdown_ratio=1.0)  # linear decay to zero
         apply_schedule(optimizers, lrm, step)
-        train_loss = supervised_step(train_model, micro_batches, autocast)
-        for optimizer in optimizers:
-            optimizer.step()
+        train_loss = supervised_step(train_model, micro_batches, autocast, scaler)
+        scaler.step(optimizers, model)
         model.zero_grad(set_to_none=True)
         step += 1
         dt, counts = timer.end(step - start_step)

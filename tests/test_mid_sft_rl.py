@@ -229,7 +229,7 @@ def test_midtraining_loss_falls_on_a_tiny_overfit_set(tiny_tokenizer, monkeypatc
     assert result["val_losses"][6] < 0.5 * losses[1]
 
 
-def test_midtraining_and_rl_in_fp16_scale_the_loss_and_still_learn(tiny_tokenizer, monkeypatch, tmp_path):
+def test_midtraining_sft_and_rl_in_fp16_scale_the_loss_and_still_learn(tiny_tokenizer, monkeypatch, tmp_path):
     """NANOCHAT_DTYPE=float16 (what GPUs without bf16 run): a loss scaler, saved with the loop state."""
     use_dirs(monkeypatch, tmp_path)
     monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
@@ -240,7 +240,9 @@ def test_midtraining_and_rl_in_fp16_scale_the_loss_and_still_learn(tiny_tokenize
                              "--total-batch-size=256", "--num-iterations=6", "--eval-every=-1", "--eval-tokens=256"])
     assert result["train_losses"][6] < 0.5 * result["train_losses"][1], result["train_losses"]
     assert read_meta(tmp_path, "mid_checkpoints", 6)["loop_state"]["loss_scaler"]["scale"] > 0
-    chat_rl.main([*RL_ARGS[:1], "--source=mid", "--num-steps=1", *RL_ARGS[2:]])
+    chat_sft.main([("--num-iterations=1" if flag.startswith("--num-iterations") else flag) for flag in SFT_ARGS])
+    assert read_meta(tmp_path, "chatsft_checkpoints", 1)["loop_state"]["loss_scaler"]["scale"] > 0
+    chat_rl.main([*RL_ARGS[:1], "--num-steps=1", *RL_ARGS[2:]])
     assert read_meta(tmp_path, "chatrl_checkpoints", 1)["loop_state"]["loss_scaler"]["scale"] > 0
 
 
