@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--depths and --lora-lrs take comma-separated numbers")
     if args.steps < 3 or args.rank < 1 or args.base_steps < 0:
         parser.error("--steps must be >= 3 (the first 2 are not timed), --rank >= 1, --base-steps >= 0")
+    if args.vocab_size < TOKENIZER_VOCAB:
+        parser.error(f"--vocab-size must be >= {TOKENIZER_VOCAB}, the tokenizer's")
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
