@@ -140,16 +140,23 @@ def test_the_trained_model_answers_through_chat_cli(speedrun):
 # speedrun.sh's guards (fast: they stop before any stage runs)
 
 
-def test_speedrun_without_a_rust_toolchain_stops_and_says_how_to_install_one(tmp_path):
-    path_without_cargo = os.pathsep.join(
-        entry for entry in os.environ["PATH"].split(os.pathsep) if not (Path(entry) / "cargo").exists())
-    env = {**speedrun_env(tmp_path / "base"), "PATH": path_without_cargo}
+def test_speedrun_without_a_rust_toolchain_and_no_bootstrap_stops_and_says_how_to_install_one(tmp_path):
+    """(The bootstrap that installs the tools is tested against fakes in tests/test_bootstrap.py.)"""
+    tools = ("cargo", "uv")
+    path_without_tools = os.pathsep.join(entry for entry in os.environ["PATH"].split(os.pathsep)
+                                         if not any((Path(entry) / tool).exists() for tool in tools))
+    home = tmp_path / "home"  # no ~/.cargo/bin or ~/.local/bin for speedrun.sh to find them in
+    home.mkdir()
+    env = {**speedrun_env(tmp_path / "base"), "PATH": path_without_tools, "HOME": str(home),
+           "NANOCHAT_NO_BOOTSTRAP": "1"}
     del env["NANOCHAT_PYTHON"]  # asks speedrun.sh to set up the environment itself
     result = subprocess.run(["bash", str(REPO_ROOT / "speedrun.sh")], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode != 0
-    assert "no Rust toolchain" in result.stderr and "rustup" in result.stderr
+    assert "NANOCHAT_NO_BOOTSTRAP=1 installs nothing" in result.stderr, result.stderr
+    assert "cargo" in result.stderr and "rustup" in result.stderr
     assert not (tmp_path / "base" / "speedrun").exists()  # stopped before touching the run
+    assert list(home.iterdir()) == []  # and installed nothing
 
 
 def test_speedrun_refuses_to_resume_a_run_of_another_scale(tmp_path):
