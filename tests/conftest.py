@@ -57,6 +57,20 @@ def tiny_tokenizer(mirror_texts):
 # Serving (engine, batching, web API, UI): a tiny random chat model, a scripted model, a live HTTP server
 
 
+def randomized(model, head_std: float):
+    """`model` initialized, then its zero-init output projections and its LM head made random too, so that outputs
+    depend on the whole context (no identity blocks); returns it."""
+    import torch
+
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
+        torch.nn.init.normal_(model.lm_head.weight, std=head_std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt(tiny_tokenizer):
     """A random depth-2 GPT over the tiny tokenizer's vocab. Every weight is random (no zero-init identity blocks)
@@ -69,13 +83,8 @@ def tiny_gpt(tiny_tokenizer):
     torch.manual_seed(1234)
     config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
                        n_kv_head=2, n_embd=64)
-    model = GPT(config)
-    model.init_weights()
+    model = randomized(GPT(config), head_std=0.5)
     with torch.no_grad():
-        for block in model.transformer.h:
-            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
-            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
         special_ids = [tiny_tokenizer.encode_special(name) for name in tiny_tokenizer.get_special_tokens()]
         model.lm_head.weight[special_ids] = 0.0
     return model.eval()

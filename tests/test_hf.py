@@ -25,6 +25,7 @@ from nanochat.loading import ExportError
 from nanochat.training import boundary_errors_exit
 from scripts import chat_cli
 from scripts import export as export_script
+from tests.conftest import randomized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,14 +36,7 @@ def random_gpt(vocab_size: int, config_class=GPTConfig, **overrides) -> GPT:
     torch.manual_seed(0)
     config = config_class(**{"sequence_len": 128, "vocab_size": vocab_size, "n_layer": 2, "n_head": 4,
                              "n_kv_head": 2, "n_embd": 64, "rope_base": 5000.0, **overrides})
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for block in model.transformer.h:
-            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
-            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.5)
-    return model.eval()
+    return randomized(GPT(config), head_std=0.5).eval()
 
 
 @pytest.fixture(scope="module")

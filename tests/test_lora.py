@@ -20,6 +20,7 @@ from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import RunError
 from scripts import chat_cli, chat_sft
+from tests.conftest import randomized
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -44,13 +45,8 @@ def write_base_checkpoint(base_dir: Path, tokenizer: Tokenizer, seed: int = 0) -
     tokenizer.save(base_dir / "tokenizer")
     config = model_config_from_depth(2, tokenizer.get_vocab_size(), sequence_len=64)
     torch.manual_seed(seed)
-    model = GPT(config)
-    model.init_weights()
+    model = randomized(GPT(config), head_std=0.05)
     with torch.no_grad():
-        for block in model.transformer.h:
-            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
-            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.05)
         model.lm_head.weight[[tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]] = 0.0
     meta = {"model_config": asdict(config), "tokenizer_fingerprint": tokenizer.fingerprint(), "step": 0}
     save_checkpoint(base_dir / "base_checkpoints" / TAG, 0, model.state_dict(), None, meta)
