@@ -44,6 +44,7 @@ CONFIGS = {
     "scalars": ["--layer-scalars"],
     "smear": ["--smear"],
     "backout": ["--backout"],
+    "warmdown65": ["--warmdown-ratio=0.65", "--final-lr-frac=0.05"],
 }
 
 TOKENS_PER_SECOND = re.compile(r"\| tok/s ([\d,]+) \|")
