@@ -45,6 +45,9 @@ CONFIGS = {
     "smear": ["--smear"],
     "backout": ["--backout"],
     "warmdown65": ["--warmdown-ratio=0.65", "--final-lr-frac=0.05"],
+    "windows": ["--window-pattern=SSSL"],
+    "qk_gain": ["--qk-gain=1.35"],
+    "init_uniform": ["--init=uniform"],
 }
 
 TOKENS_PER_SECOND = re.compile(r"\| tok/s ([\d,]+) \|")

@@ -1,5 +1,10 @@
-"""Causal self-attention and its KV cache: rotary positions, QK-norm, grouped-query heads, and the value-embedding
-gate of the 2026 recipe (nanochat/gpt.py assembles the model from these).
+"""Causal self-attention and its KV cache: rotary positions, QK-norm, grouped-query heads, and three optional pieces
+of the 2026 recipe: the value-embedding gate, sliding-window layers, a sharper query/key scale (nanochat/gpt.py
+assembles the model from these).
+
+Sliding windows go through SDPA with a boolean mask, on every device: correct and tested on CPU, but on a GPU a mask
+costs SDPA its flash kernel, so windows there are slower than full attention until they go through flex_attention
+(whose backward does not run on CPU, so it could not be tested here; unmeasured on a GPU).
 """
 
 from __future__ import annotations
@@ -24,6 +29,25 @@ GATE_CHANNELS = 32
 def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
     """Value embeddings sit on every other layer, counted from the last one (which always has one)."""
     return (n_layer - 1 - layer_idx) % 2 == 0
+
+
+def attention_window(config: GPTConfig, layer_idx: int) -> int | None:
+    """How many positions a layer's queries see (their own included), or None for the whole context.
+    config.window_pattern's letters repeat over the layers: S is a quarter of the training context, L all of it;
+    the last layer is always L, so the final hidden states see everything."""
+    letter = config.window_pattern[layer_idx % len(config.window_pattern)]
+    if letter == "L" or layer_idx == config.n_layer - 1:
+        return None
+    return max(1, config.sequence_len // 4)
+
+
+def visible_keys(query_positions: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
+    """(..., T) query positions -> (..., T, key_len) bool: the keys each query attends to, causal and within its
+    window."""
+    key_positions = torch.arange(key_len, device=query_positions.device)
+    offset = query_positions[..., :, None] - key_positions  # how far back each key is
+    mask = offset >= 0
+    return mask if window is None else mask & (offset < window)
 
 
 # -----------------------------------------------------------------------------
@@ -99,6 +123,18 @@ class CausalSelfAttention(nn.Module):
         gated = config.value_embeddings and has_value_embedding(layer_idx, config.n_layer)
         gate = nn.Parameter(torch.zeros(self.n_kv_head, min(GATE_CHANNELS, config.n_embd))) if gated else None
         self.register_parameter("ve_gate", gate)
+        self.window = attention_window(config, layer_idx)
+        # SDPA's softmax scale, 1/sqrt(head_dim) times qk_gain (None: SDPA's default, today's model): after QK-norm
+        # q.k is bounded by head_dim, and a gain above 1 lets the attention sharpen without the norms' help
+        self.scale = None if config.qk_gain == 1.0 else config.qk_gain * self.head_dim ** -0.5
+
+    def _within_chunk(self, q, k, v, gqa: bool):
+        """Attention of a chunk over itself: the causal (flash) kernel unless a window is shorter than the chunk."""
+        T = q.size(-2)
+        if self.window is None or self.window >= T:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
+        mask = visible_keys(torch.arange(T, device=q.device), T, self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
 
     def forward(self, x, value_embedding, cos, sin, kv_cache: KVCache | None, positions, cache_len: int,
                 start: int | None):
@@ -117,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         gqa = self.n_head != self.n_kv_head
 
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = self._within_chunk(q, k, v, gqa)
             return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
         k_cache, v_cache = kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx]
@@ -128,16 +164,16 @@ class CausalSelfAttention(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             k_cache[rows, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
             v_cache[rows, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
-        if start == 0:  # a prefill into an empty cache attends only within the chunk: the causal (flash) kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if start == 0:  # a prefill into an empty cache attends only within the chunk
+            y = self._within_chunk(q, k, v, gqa)
         else:
             keys = k_cache[:, :, :cache_len].to(q.dtype)
             values = v_cache[:, :, :cache_len].to(q.dtype)
             mask = None
-            if start is None or T > 1:  # rows at different positions, or a chunk after a prefix: mask explicitly
-                key_pos = torch.arange(cache_len, device=x.device)
-                mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, cache_len)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+            # rows at different positions, a chunk after a prefix, or a window the cache has outgrown: mask explicitly
+            if start is None or T > 1 or (self.window is not None and cache_len > self.window):
+                mask = visible_keys(positions, cache_len, self.window)[:, None]  # (B, 1, T, cache_len)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
 
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)

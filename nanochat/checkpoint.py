@@ -150,9 +150,10 @@ def load_checkpoint(checkpoint_dir: Path, step: int, device, load_optimizer: boo
     return model_state, optimizer_states, meta
 
 
-def build_model(meta: dict, device, phase: str, model_state: dict | None = None, source: str = "") -> GPT:
-    """The GPT described by meta["model_config"] on `device`, with `model_state` loaded (fresh init_weights() when it
-    is None), in train or eval mode. A state that does not fit the config raises a CheckpointError. A LoRA meta
+def build_model(meta: dict, device, phase: str, model_state: dict | None = None, source: str = "",
+                init_scheme: str = "normal") -> GPT:
+    """The GPT described by meta["model_config"] on `device`, with `model_state` loaded (fresh
+    init_weights(init_scheme) when it is None), in train or eval mode. A state that does not fit the config raises a CheckpointError. A LoRA meta
     gives its base model, frozen, with the adapters of `model_state` on top (see build_lora_model)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
@@ -163,7 +164,7 @@ def build_model(meta: dict, device, phase: str, model_state: dict | None = None,
     with torch.device(device):
         model = GPT(config)
     if model_state is None:
-        model.init_weights()
+        model.init_weights(init_scheme)
     else:
         # torch.compile prefixes parameter names; CPU/MPS compute in fp32 even if a GPU run saved bf16 weights
         state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}

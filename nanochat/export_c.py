@@ -79,7 +79,7 @@ from pathlib import Path
 import torch
 
 from nanochat.common import _atomic_replace, atomic_write_bytes
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, recipe_changes_on
 from nanochat.loading import ExportError
 from nanochat.quantize import GROUP_SIZE, QUANTIZATIONS, quantize_groupwise
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -89,7 +89,6 @@ MODEL_MAGIC, TOKENIZER_MAGIC = b"NCHATMDL", b"NCHATTOK"
 FORMAT_VERSION = 1
 MODEL_HEADER_BYTES, TOKENIZER_HEADER_BYTES = 256, 64
 ALIGNMENT = 64
-RECIPE_FEATURES = ("value_embeddings", "layer_scalars", "smear", "backout")  # the optional GPTConfig changes
 LAYER_MATRICES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 CLASS_LETTER, CLASS_NUMBER, CLASS_SPACE = 1, 2, 3
 # Python's str.isspace() counts the information separators U+001C..U+001F as space; Unicode's White_Space, which
@@ -119,7 +118,7 @@ def export_c(model: GPT, tokenizer: Tokenizer, meta: dict, directory: Path, quan
 def check_exportable(model: GPT, tokenizer: Tokenizer, meta: dict, group_size: int) -> None:
     if not isinstance(model, GPT):
         raise ExportError(f"the C format holds a nanochat GPT, got {type(model).__name__}")
-    features = [name for name in RECIPE_FEATURES if getattr(model.config, name, False)]
+    features = recipe_changes_on(model.config)
     if features:
         raise ExportError(f"runc/run.c runs the plain GPT; this model has GPTConfig {', '.join(features)} on, which "
                           "it does not implement: serve it with python -m scripts.chat_cli instead")

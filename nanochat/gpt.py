@@ -46,6 +46,9 @@ class GPTConfig:
     layer_scalars: bool = False  # per layer: a learned scale of the residual entering it, and a share of x0 added
     smear: bool = False  # every position adds a gated share of the previous token's embedding
     backout: bool = False  # a learned share of the mid-depth residual is subtracted before the final norm
+    window_pattern: str = "L"  # per layer, repeated: S a sliding window of a quarter context, L full (last layer: L)
+    qk_gain: float = 1.0  # the attention's softmax scale is qk_gain / sqrt(head_dim)
+    vocab_multiple: int = 1  # the embedding and LM head rows are padded to a multiple of this (logits are not)
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -54,8 +57,33 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if (self.n_embd // self.n_head) % 2 != 0:
             raise ValueError("the head dimension must be even for rotary embeddings")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise ValueError(f"window_pattern={self.window_pattern!r} must be letters S (short window) and L (full "
+                             "context), e.g. SSSL")
+        if not self.qk_gain > 0:
+            raise ValueError(f"qk_gain={self.qk_gain} must be positive")
+        if self.vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple={self.vocab_multiple} must be a positive integer")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size rounded up to vocab_multiple (matmul-friendly sizes)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
+# The GPTConfig fields of the 2026-recipe changes and their off values: runc/run.c and transformers' NanoChat
+# implement the model with all of them off.
+RECIPE_FIELDS = {"value_embeddings": False, "layer_scalars": False, "smear": False, "backout": False,
+                 "window_pattern": "L", "qk_gain": 1.0, "vocab_multiple": 1}
+
+
+def recipe_changes_on(config: GPTConfig) -> list[str]:
+    """The 2026-recipe fields of config that are not at their off value, as name=value."""
+    return [f"{name}={getattr(config, name)!r}" for name, off in RECIPE_FIELDS.items() if getattr(config, name) != off]
+
+
+INIT_SCHEMES = ("normal", "uniform")  # GPT.init_weights
+EMBEDDING_STD_UNIFORM = 0.5
 # AdamW's lr for the gates and scalars, not width-scaled (each one's effect does not grow with the width): it moves a
 # scalar by up to ~0.02 a step, so a lambda can travel O(1) over a few hundred steps without jumping there at once.
 SCALAR_LR = 0.02
@@ -119,10 +147,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size)
         self._add_recipe_parameters(config)
         # rotary tables cover 10x the training context so the KV cache can decode past it
         self.rotary_len = config.sequence_len * 10
@@ -165,23 +193,36 @@ class GPT(nn.Module):
         return freqs.cos(), freqs.sin()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Init scheme: embeddings N(0, 1); input projections (q, k, v, fc) N(0, 1/sqrt(fan_in)) so activations
-        keep unit scale; output projections (attn and MLP c_proj) zero so every block starts as the identity;
-        LM head N(0, 0.001) so the first loss is ~ln(vocab).
+    def init_weights(self, scheme: str = "normal") -> None:
+        """Init scheme "normal": embeddings N(0, 1); input projections (q, k, v, fc) N(0, 1/sqrt(fan_in)) so
+        activations keep unit scale; output projections (attn and MLP c_proj) zero so every block starts as the
+        identity; LM head N(0, 0.001) so the first loss is ~ln(vocab).
+        Scheme "uniform" (the 2026 recipe's): the input projections uniform with the same std (no long tails),
+        the MLP's input at half of it (ReLU² squares it: a smaller start keeps the MLP's first outputs in range), and
+        the embeddings at std EMBEDDING_STD_UNIFORM (they are normed after the lookup, so this only makes AdamW's
+        steps larger relative to them).
         The 2026-recipe parameters start where their change is a no-op or a plain copy: value-embedding tables
-        N(0, 1) like the token embedding (as large as the values they join: c_proj is zero, so a fresh model's output
+        like the token embedding (as large as the values they join: c_proj is zero, so a fresh model's output
         is the plain one's and gradients reach the tables at once) behind gates at 1; resid_lambdas 1, x0_lambdas 0;
         smear's and backout's lambdas 0 (off until they learn otherwise)."""
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        if scheme not in INIT_SCHEMES:
+            raise ValueError(f"init scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
+        uniform = scheme == "uniform"
+        embedding_std = EMBEDDING_STD_UNIFORM if uniform else 1.0
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=embedding_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features ** -0.5)
+                std = linear.in_features ** -0.5
+                if not uniform:
+                    nn.init.normal_(linear.weight, mean=0.0, std=std)
+                    continue
+                std *= 0.5 if linear is block.mlp.c_fc else 1.0
+                nn.init.uniform_(linear.weight, -3 ** 0.5 * std, 3 ** 0.5 * std)  # U(-a, a) has std a / sqrt(3)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         for table in self.value_embeds.values():  # after the weights above: their random draws stay today's
-            nn.init.normal_(table.weight, mean=0.0, std=1.0)
+            nn.init.normal_(table.weight, mean=0.0, std=embedding_std)
         for parameter in self.gate_parameters() + self.scalar_parameters():
             nn.init.zeros_(parameter)  # value gates at 1; smear's gate weights at 0 behind its lambda of 0
         if self.config.layer_scalars:
@@ -269,7 +310,8 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache)
         if targets is not None and loss_reduction in ("mean", "sum"):
             chunk_rows = 256 if x.device.type == "cpu" else 4096  # a chunk's logits: cache-sized on CPU, ~1 GiB on GPU
-            return softcapped_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+            head = self.lm_head.weight[:self.config.vocab_size]  # padding rows have no token: no logit, no gradient
+            return softcapped_cross_entropy(x.view(B * T, -1), head, targets.reshape(-1),
                                             self.SOFTCAP, loss_reduction, chunk_rows)
         if targets is None and logits_to_keep:  # a prefill needs only the last positions' logits: skip the LM
             x = x[:, -logits_to_keep:]          # head elsewhere (at a 65k vocab it is most of a small model's work)
@@ -281,8 +323,11 @@ class GPT(nn.Module):
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (..., n_embd) -> soft-capped fp32 logits (..., vocab)."""
-        logits = self.lm_head(x).float()
+        """Final hidden states (..., n_embd) -> soft-capped fp32 logits (..., vocab), the padding rows left out."""
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+        logits = logits.float()
         if torch.is_grad_enabled():
             return self.SOFTCAP * torch.tanh(logits / self.SOFTCAP)
         return tanh_(logits.div_(self.SOFTCAP)).mul_(self.SOFTCAP)  # decoding: no temporaries of (B, vocab)

@@ -37,7 +37,7 @@ from nanochat.common import (
     print0,
 )
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.gpt import model_config_from_depth, peak_flops
+from nanochat.gpt import INIT_SCHEMES, model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scaling import LossScaler
 from nanochat.own_data import prepare_own_data
@@ -74,7 +74,8 @@ RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_siz
                                        "unembedding_lr", "matrix_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
                                        "final_lr_frac", "data", "val_data"]),
                       "seed": 42, "rope_base": 10000.0,
-                      **dict.fromkeys(["value_embeddings", "layer_scalars", "smear", "backout"], False)}
+                      **dict.fromkeys(["value_embeddings", "layer_scalars", "smear", "backout"], False),
+                      "window_pattern": "L", "qk_gain": 1.0, "vocab_multiple": 1, "init": "normal"}
 
 
 # -----------------------------------------------------------------------------
@@ -103,6 +104,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="each position adds a gated share of the previous token's embedding")
     parser.add_argument("--backout", action="store_true",
                         help="subtract a learned share of the mid-depth residual before the final norm")
+    parser.add_argument("--window-pattern", default="L",
+                        help="attention per layer, repeated over the layers: S a sliding window of a quarter of the "
+                             "context, L the full context, e.g. SSSL (the last layer is always L)")
+    parser.add_argument("--qk-gain", type=float, default=1.0,
+                        help="the attention's softmax scale in units of 1/sqrt(head_dim) (after QK-norm)")
+    parser.add_argument("--vocab-multiple", type=int, default=1,
+                        help="pad the embedding and LM head rows to a multiple of this (e.g. 64)")
+    parser.add_argument("--init", choices=INIT_SCHEMES, default="normal",
+                        help="weight init: normal (today's), or uniform matrices with a smaller MLP input and "
+                             "embedding std 0.5")
     parser.add_argument("--seed", type=int, default=42, help="seed of the weight init (the data order is fixed)")
     # the token budget, by precedence
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides the two below)")
@@ -138,10 +149,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     positive = {"--depth": args.depth, "--max-seq-len": args.max_seq_len, "--device-batch-size": args.device_batch_size,
-                "--total-batch-size": args.total_batch_size, "--eval-tokens": args.eval_tokens}
+                "--total-batch-size": args.total_batch_size, "--eval-tokens": args.eval_tokens,
+                "--vocab-multiple": args.vocab_multiple}
     for flag, value in positive.items():
         if value is not None and value < 1:
             parser.error(f"{flag} must be a positive integer, got {value}")
+    if not args.window_pattern or set(args.window_pattern) - {"S", "L"}:
+        parser.error(f"--window-pattern must be letters S (a short window) and L (the full context), e.g. SSSL; got "
+                     f"{args.window_pattern!r}")
+    if not args.qk_gain > 0:
+        parser.error(f"--qk-gain must be positive, got {args.qk_gain}")
     for flag, value in {"--warmup-ratio": args.warmup_ratio, "--warmdown-ratio": args.warmdown_ratio,
                         "--final-lr-frac": args.final_lr_frac}.items():
         if not 0.0 <= value <= 1.0:
@@ -222,8 +239,9 @@ def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: i
         return resumed.model, resumed
     config = replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len), rope_base=args.rope_base,
                      value_embeddings=args.value_embeddings, layer_scalars=args.layer_scalars, smear=args.smear,
-                     backout=args.backout)
-    return build_model({"model_config": asdict(config)}, dist_info.device, "train"), None
+                     backout=args.backout, window_pattern=args.window_pattern, qk_gain=args.qk_gain,
+                     vocab_multiple=args.vocab_multiple)
+    return build_model({"model_config": asdict(config)}, dist_info.device, "train", init_scheme=args.init), None
 
 
 def train(args: argparse.Namespace, dist_info) -> None:

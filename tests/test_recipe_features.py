@@ -1,19 +1,24 @@
-"""The 2026-recipe model changes behind GPTConfig fields (value embeddings, layer scalars, smear, backout): off, the
-model is today's to the bit; on, it trains, decodes through the KV cache, the Engine and the continuous-batching
-scheduler exactly as a plain forward over the whole sequence, loads from an old meta, and base_train takes the flags
-and refuses a resume that changes them."""
+"""The 2026-recipe model changes behind GPTConfig fields (value embeddings, layer scalars, smear, backout, sliding
+windows, the QK gain, vocabulary padding) and the uniform init: off, the model is today's to the bit; on, it trains,
+decodes through the KV cache, the Engine and the continuous-batching scheduler exactly as a plain forward over the
+whole sequence, loads from an old meta, the exports refuse it by name, and base_train takes the flags and refuses a
+resume that changes them."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import asdict
 
 import pytest
 import torch
 
+from nanochat.attention import apply_rotary, attention_window
 from nanochat.batching import SamplingParams, Scheduler
 from nanochat.checkpoint import build_model
 from nanochat.engine import Engine
+from nanochat.export_c import check_exportable as check_c_exportable
 from nanochat.gpt import GPT, SCALAR_LR, GPTConfig, norm
 from nanochat.hf import check_exportable
 from nanochat.loading import ExportError
@@ -23,17 +28,29 @@ from scripts import base_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FEATURES = ["value_embeddings", "layer_scalars", "smear", "backout"]
+FEATURES = ["value_embeddings", "layer_scalars", "smear", "backout"]  # the ones that add parameters
 CASES = [[feature] for feature in FEATURES] + [FEATURES]
 CASE_IDS = [*FEATURES, "all"]
 SHAPE = {"sequence_len": 64, "n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 64}  # GQA, VE on layers 0 and 2
+# the changes that add no parameter, at the values they are tested with: windows of 64 // 4 = 16 positions on
+# layers 0 and 1 (the last is always full), a sharper softmax, 301 tokens padded to 320 rows
+ATTENTION_SETTINGS = {"window_pattern": "SSL", "qk_gain": 1.3, "vocab_multiple": 64}
+EVERYTHING = FEATURES + list(ATTENTION_SETTINGS)
+# the decoding tests run every change alone and all of them together
+DECODE_CASES = CASES[:-1] + [[name] for name in ATTENTION_SETTINGS] + [EVERYTHING]
+DECODE_IDS = [*FEATURES, *ATTENTION_SETTINGS, "all"]
+
+
+def config_settings(features: list[str]) -> dict:
+    """GPTConfig keyword arguments that turn `features` on."""
+    return {name: ATTENTION_SETTINGS.get(name, True) for name in features}
 
 
 def recipe_model(features: list[str], vocab_size: int = 301, seed: int = 0) -> GPT:
     """A fresh model with `features` on, every weight perturbed and every new scalar moved off its init, so each
     change really acts on the outputs (at init smear and backout are off and every block is the identity)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, **SHAPE, **dict.fromkeys(features, True)))
+    model = GPT(GPTConfig(vocab_size=vocab_size, **SHAPE, **config_settings(features)))
     model.init_weights()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -207,7 +224,7 @@ def test_under_bf16_autocast_the_residual_stream_stays_bf16():
 # Decoding through the KV cache equals the plain forward
 
 
-@pytest.mark.parametrize("features", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("features", DECODE_CASES, ids=DECODE_IDS)
 def test_prefill_then_token_by_token_gives_the_full_forward_logits(features):
     model = recipe_model(features)
     idx = tokens(3, 24, seed=1)
@@ -215,11 +232,11 @@ def test_prefill_then_token_by_token_gives_the_full_forward_logits(features):
         full = model(idx)
         cache = model.new_kv_cache(3, 48)
         steps = [model(idx[:, :9], kv_cache=cache), model(idx[:, 9:14], kv_cache=cache)]  # prefill, a chunk after
-        steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(14, 24)]
+        steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(14, 24)]  # past the 16-token windows
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("features", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("features", DECODE_CASES, ids=DECODE_IDS)
 def test_rows_at_different_positions_decode_like_full_forwards(features):
     """Row 0 is reset and starts a new prompt while row 1 continues its own: one forward, two positions."""
     model = recipe_model(features)
@@ -251,7 +268,7 @@ def test_smear_takes_the_previous_token_from_the_cache():
 def test_copy_row_moves_smear_state_with_the_row():
     """As the scheduler does it: a prefilled row copied into another row of the same cache (an extra sample, or the
     last row moved into a retired row's hole), then both decode on."""
-    model = recipe_model(FEATURES)
+    model = recipe_model(EVERYTHING)
     other, prompt, continuation = tokens(1, 9, seed=7), tokens(1, 6, seed=8), tokens(2, 4, seed=9)
     with torch.no_grad():
         cache = model.new_kv_cache(3, 32)
@@ -274,9 +291,9 @@ def greedy_by_full_forwards(model: GPT, prompt: list[int], max_tokens: int) -> l
 
 
 def chat_model(tokenizer) -> GPT:
-    """All four changes on, over the tokenizer's vocab; the special tokens' logits pinned at 0, below the best of
+    """Every change on, over the tokenizer's vocab; the special tokens' logits pinned at 0, below the best of
     ~500 random ones, so greedy replies run to max_tokens instead of ending at a random <|assistant_end|>."""
-    model = recipe_model(FEATURES, vocab_size=tokenizer.get_vocab_size())
+    model = recipe_model(EVERYTHING, vocab_size=tokenizer.get_vocab_size())
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.5)
         model.lm_head.weight[[tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]] = 0.0
@@ -325,7 +342,7 @@ def scheduler_replies(request) -> list[list[int]]:
 
 
 def test_a_meta_with_the_fields_rebuilds_the_model_with_them():
-    model = recipe_model(FEATURES)
+    model = recipe_model(EVERYTHING)
     meta = json.loads(json.dumps({"model_config": asdict(model.config)}))  # as a meta file holds it
     rebuilt = build_model(meta, "cpu", "eval", model.state_dict())
     idx = tokens(2, 12, seed=10)
@@ -333,14 +350,18 @@ def test_a_meta_with_the_fields_rebuilds_the_model_with_them():
         assert torch.equal(rebuilt(idx), model(idx))
 
 
-@pytest.mark.parametrize("feature", FEATURES)
-def test_the_hf_export_refuses_the_feature_by_name(feature, tiny_tokenizer):
-    model = GPT(GPTConfig(vocab_size=tiny_tokenizer.get_vocab_size(), **SHAPE, **{feature: True}))
-    with pytest.raises(ExportError, match=rf"GPTConfig\.{feature}=True has no counterpart"):
+@pytest.mark.parametrize("feature", EVERYTHING)
+def test_the_exports_refuse_the_feature_by_name(feature, tiny_tokenizer):
+    model = GPT(GPTConfig(vocab_size=tiny_tokenizer.get_vocab_size(), **SHAPE, **config_settings([feature])))
+    value = re.escape(repr(config_settings([feature])[feature]))
+    with pytest.raises(ExportError, match=rf"GPTConfig\.{feature}={value} has no counterpart"):
         check_exportable(model, tiny_tokenizer)
+    with pytest.raises(ExportError, match=rf"this model has GPTConfig {feature}={value} on"):
+        check_c_exportable(model, tiny_tokenizer, {}, 0)
 
 
-RECIPE_FLAGS = ["--value-embeddings", "--layer-scalars", "--smear", "--backout"]
+RECIPE_FLAGS = ["--value-embeddings", "--layer-scalars", "--smear", "--backout", "--window-pattern=SL", "--qk-gain=1.2",
+                "--vocab-multiple=64", "--init=uniform"]
 TRAIN_FLAGS = ["--depth=2", "--max-seq-len=64", "--device-batch-size=2", "--total-batch-size=128",
                "--num-iterations=4", "--eval-every=-1", "--eval-tokens=128", "--sample-every=-1"]
 
@@ -351,8 +372,21 @@ def test_base_train_trains_with_the_flags_and_refuses_a_resume_without_them(base
     assert base_train.main([*TRAIN_FLAGS, *RECIPE_FLAGS]) == 0
     meta = json.loads((base_dir / "base_checkpoints" / "d2" / "meta_000004.json").read_text())
     assert all(meta["model_config"][feature] and meta["user_config"][feature] for feature in FEATURES)
+    assert {name: meta["model_config"][name] for name in ATTENTION_SETTINGS} == {
+        "window_pattern": "SL", "qk_gain": 1.2, "vocab_multiple": 64}
+    assert meta["user_config"]["init"] == "uniform"
     with pytest.raises(SystemExit, match=r"--smear: saved True, now False"):
-        base_train.main([*TRAIN_FLAGS, "--resume", "--value-embeddings", "--layer-scalars", "--backout"])
+        base_train.main([*TRAIN_FLAGS, "--resume", *[flag for flag in RECIPE_FLAGS if flag != "--smear"]])
+
+
+@pytest.mark.parametrize("flag, message", [("--window-pattern=SXL", "--window-pattern must be letters S"),
+                                           ("--qk-gain=0", "--qk-gain must be positive"),
+                                           ("--vocab-multiple=0", "--vocab-multiple must be a positive integer"),
+                                           ("--init=xavier", "invalid choice: 'xavier'")])
+def test_base_train_refuses_a_bad_recipe_flag(flag, message, capsys):
+    with pytest.raises(SystemExit):
+        base_train.parse_args([*TRAIN_FLAGS, flag])
+    assert message in capsys.readouterr().err
 
 
 def test_a_run_saved_before_the_flags_existed_resumes_with_them_off():
@@ -362,3 +396,100 @@ def test_a_run_saved_before_the_flags_existed_resumes_with_them_off():
     with pytest.raises(RunError, match=r"--backout: saved False, now True"):
         check_same_run(base_train.parse_args([*TRAIN_FLAGS, "--backout"]), {"user_config": saved},
                        base_train.RUN_DEFINING_FLAGS, "meta.json")
+
+
+# -----------------------------------------------------------------------------
+# Sliding windows, the QK gain, vocabulary padding, the uniform init
+
+
+def test_the_window_pattern_repeats_over_the_layers_and_the_last_layer_sees_everything():
+    config = GPTConfig(vocab_size=301, sequence_len=64, n_layer=6, n_head=4, n_kv_head=4, n_embd=64,
+                       window_pattern="SSL")
+    assert [attention_window(config, i) for i in range(6)] == [16, 16, None, 16, 16, None]
+    assert attention_window(GPTConfig(n_layer=2, window_pattern="S"), 1) is None
+    for bad in ("", "SXL", "ssl"):
+        with pytest.raises(ValueError, match="window_pattern"):
+            GPTConfig(window_pattern=bad)
+
+
+def reference_attention(block, x: torch.Tensor, cos, sin, window: int | None, gain: float) -> torch.Tensor:
+    """Attention written out position by position: softmax over the keys each query may see, at gain/sqrt(d)."""
+    attn = block.attn
+    B, T, _ = x.shape
+    q = attn.c_q(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
+    k = attn.c_k(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    v = attn.c_v(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+    repeat = attn.n_head // attn.n_kv_head
+    k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    out = torch.zeros_like(q)
+    for t in range(T):
+        first = 0 if window is None else max(0, t - window + 1)
+        scores = q[:, :, t:t + 1] @ k[:, :, first:t + 1].mT * gain / math.sqrt(attn.head_dim)
+        out[:, :, t] = (scores.softmax(-1) @ v[:, :, first:t + 1])[:, :, 0]
+    return attn.c_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("window_pattern, qk_gain", [("SSL", 1.0), ("L", 1.3), ("SSL", 0.7)])
+def test_attention_matches_a_softmax_over_the_window_written_out(window_pattern, qk_gain):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=301, **SHAPE, window_pattern=window_pattern, qk_gain=qk_gain))
+    model.init_weights()
+    x = torch.randn(2, 40, 64)
+    T = x.size(1)
+    cos, sin = model.cos[None, None, :T], model.sin[None, None, :T]
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
+            window = attention_window(model.config, i)
+            expected = reference_attention(block, x, cos, sin, window, qk_gain)
+            got = block.attn(x, None, cos, sin, None, None, T, None)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert window_pattern == "L" or attention_window(model.config, 0) == 16 < T  # the window really cut
+
+
+def test_a_window_hides_tokens_further_back_than_its_reach():
+    """One windowed layer under a full one: a token more than the window back reaches a query only through the full
+    layer, so with the full layer's attention output zeroed, changing it leaves that query's logits alone."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=301, sequence_len=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=64,
+                       window_pattern="S")
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight.normal_(std=0.3)
+        model.lm_head.weight.normal_(std=0.3)
+        idx = tokens(1, 40, seed=12)
+        changed = idx.clone()
+        changed[0, 5] = (idx[0, 5] + 1) % 301
+        before, after = model(idx), model(changed)
+    assert torch.equal(before[0, 5 + 16:], after[0, 5 + 16:])  # window 16: position 21 sees 6..21
+    assert not torch.equal(before[0, 5:5 + 16], after[0, 5:5 + 16])
+
+
+def test_padding_rows_have_no_logit_and_no_gradient():
+    model = recipe_model(["vocab_multiple"])
+    assert model.transformer.wte.weight.size(0) == model.lm_head.weight.size(0) == 320
+    idx = tokens(2, 12, seed=13)
+    with torch.no_grad():
+        assert model(idx).shape == (2, 12, 301)
+    model.train()
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    head_grad = model.lm_head.weight.grad
+    assert head_grad[:301].abs().sum() > 0 and torch.count_nonzero(head_grad[301:]) == 0
+
+
+def test_the_uniform_init_has_the_normal_inits_std_with_a_smaller_mlp_input_and_embedding():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=301, **SHAPE, value_embeddings=True))
+    model.init_weights("uniform")
+    block = model.transformer.h[0]
+    bound = 3 ** 0.5 * 64 ** -0.5
+    assert block.attn.c_q.weight.abs().max() <= bound and block.attn.c_q.weight.abs().max() > 0.95 * bound
+    assert block.attn.c_q.weight.std().item() == pytest.approx(64 ** -0.5, rel=0.05)
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.5 * 64 ** -0.5, rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.5, rel=0.05)
+    assert model.value_embeds["0"].weight.std().item() == pytest.approx(0.5, rel=0.05)
+    assert torch.count_nonzero(block.attn.c_proj.weight) == 0
+    with pytest.raises(ValueError, match="init scheme must be one of normal, uniform"):
+        model.init_weights("xavier")

@@ -312,7 +312,7 @@ def test_export_refuses_what_the_format_cannot_express(trained_gpt, tiny_tokeniz
         export_c(narrow, tiny_tokenizer, {}, tmp_path, quantization="int8")
     smearing = GPT(GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=1,
                              n_kv_head=1, n_embd=64, smear=True))
-    with pytest.raises(ExportError, match="smear on"):
+    with pytest.raises(ExportError, match="smear=True on"):
         export_c(smearing, tiny_tokenizer, {}, tmp_path)
     with pytest.raises(ExportError, match="exactly the GPT's weights"):
         export_c(quantize_model(copy.deepcopy(trained_gpt), "int8"), tiny_tokenizer, {}, tmp_path)
