@@ -48,6 +48,7 @@ CONFIGS = {
     "windows": ["--window-pattern=SSSL"],
     "qk_gain": ["--qk-gain=1.35"],
     "init_uniform": ["--init=uniform"],
+    "best_fit": ["--packing=best_fit"],
 }
 
 TOKENS_PER_SECOND = re.compile(r"\| tok/s ([\d,]+) \|")

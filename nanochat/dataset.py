@@ -1,11 +1,14 @@
-"""The pretraining corpus: FineWeb-Edu as numbered parquet shards (shard_00000.parquet ... shard_01822.parquet), each
-with a `text` column, as re-packaged (100B tokens, shuffled, ~250M characters per shard) for the original nanochat.
+"""The pretraining corpora: numbered parquet shards (shard_00000.parquet, ...), each with a `text` column, the last
+shard the validation split. `CORPORA` names them: `fineweb` (the default), FineWeb-Edu as re-packaged (100B tokens,
+shuffled, ~250M characters per shard, shards 0..1822) for the original nanochat, and `climbmix`, NVIDIA's ClimbMix
+(400B tokens) in the same shard format (shards 0..6542).
 
-Reading: the local mirror ($NANOCHAT_DATA_DIR/fineweb/, used in place) when present, else $NANOCHAT_BASE_DIR/base_data/.
-The last shard (in sorted order) is the validation split: the downloader always fetches shard 1822 for it.
+Reading: the local mirror ($NANOCHAT_DATA_DIR/<corpus.mirror_subdir>/, used in place) when present, else
+$NANOCHAT_BASE_DIR/<corpus.local_subdir>/. The downloader always fetches the corpus's last shard for validation.
 Documents come one parquet row group at a time; DDP ranks take row groups round-robin.
 
-Downloading: `python -m nanochat.dataset -n 8` fetches train shards 0..7 plus the validation shard in parallel, with
+Downloading: `python -m nanochat.dataset [--corpus climbmix] -n 8` fetches train shards 0..7 plus the validation shard
+in parallel, with
 retries and exponential backoff. Each shard is written under a temporary name, checked (parquet footer readable, a
 `text` column, at least one row) and only then renamed into place, so a shard on disk is either complete or absent;
 re-running skips valid shards and replaces corrupt ones. Shards the mirror holds are copied from it instead.
@@ -26,16 +29,53 @@ import pyarrow.parquet as pq
 from nanochat.common import get_base_dir, get_data_dir, mirror_path
 from nanochat.download import DownloadError, download_file
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # the last shard of the dataset; always the validation split
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where a pretraining corpus's shards live: upstream (base_url/<shard name>), in the local mirror
+    ($NANOCHAT_DATA_DIR/<mirror_subdir>) and once downloaded ($NANOCHAT_BASE_DIR/<local_subdir>)."""
+    base_url: str
+    max_shard: int  # the last shard's index; always the validation split
+    mirror_subdir: str
+    local_subdir: str
+    shard_pattern: str = "shard_{index:05d}.parquet"  # must match list_shards' glob
+
+    def shard_name(self, index: int) -> str:
+        return self.shard_pattern.format(index=index)
+
+
+CORPORA = {
+    "fineweb": Corpus(base_url="https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+                      max_shard=1822, mirror_subdir="fineweb", local_subdir="base_data"),
+    # NVIDIA publishes ClimbMix (huggingface.co/datasets/nvidia/ClimbMix, arXiv 2504.13161) as GPT-2 token ids, to be
+    # detokenized with their script; karpathy/climbmix-400b-shuffle is its text re-packaged (shuffled) into the
+    # FineWeb layout above: shard_00000 .. shard_06542.parquet with a `text` column, the last pinned as validation.
+    # Those facts come from the nvidia/ClimbMix dataset card and from public code that downloads the re-packaged
+    # shards (upstream nanochat's and autoresearch's dataset.py/prepare.py: this BASE_URL, MAX_SHARD = 6542, the name
+    # pattern, base_data_climbmix). Assumed, not verified here (the hub is unreachable from this machine): that the
+    # shards are ~100MB each and every one has a `text` column; validate_shard refuses any that does not.
+    "climbmix": Corpus(base_url="https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+                       max_shard=6542, mirror_subdir="climbmix", local_subdir="base_data_climbmix"),
+}
+DEFAULT_CORPUS = "fineweb"
+BASE_URL = CORPORA["fineweb"].base_url
+MAX_SHARD = CORPORA["fineweb"].max_shard
 
 
 def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.parquet"
+    return CORPORA[DEFAULT_CORPUS].shard_name(index)
 
 
-def default_shard_dir() -> Path:
-    return mirror_path("fineweb") or get_base_dir() / "base_data"
+def get_corpus(name: str) -> Corpus:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}: choose one of {', '.join(CORPORA)}")
+    return CORPORA[name]
+
+
+def default_shard_dir(corpus: str = DEFAULT_CORPUS) -> Path:
+    """Where training reads a corpus: the mirror's copy in place, else the downloaded shards."""
+    spec = get_corpus(corpus)
+    return mirror_path(spec.mirror_subdir) or get_base_dir() / spec.local_subdir
 
 
 def list_shards(data_dir: Path | None = None) -> list[Path]:
@@ -63,7 +103,8 @@ def split_shards(split: str, data_dir: Path | None = None) -> list[Path]:
     if len(shards) < 2:
         where = data_dir or default_shard_dir()
         raise FileNotFoundError(f"need at least 2 pretraining shards (train + val) in {where}, found {len(shards)}: "
-                                "download them with `python -m nanochat.dataset -n 8` or set NANOCHAT_DATA_DIR")
+                                "download them with `python -m nanochat.dataset [--corpus NAME] -n 8` or set "
+                                "NANOCHAT_DATA_DIR")
     return shards[:-1] if split == "train" else shards[-1:]
 
 
@@ -87,13 +128,20 @@ def iter_row_groups(split: str, start: int = 0, step: int = 1, data_dir: Path | 
                 group_index += 1
                 if not mine or (resume_from is not None and position < resume_from):
                     continue
-                yield position, parquet.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+                yield position, read_row_group(parquet, row_group)
         if group_index <= start:
             raise ValueError(f"the {split} split has {group_index} row groups in {len(shards)} shards, too few for "
                              f"reader {start} of {step}: download more shards or use fewer ranks")
         if not loop:
             return
         epoch += 1
+
+
+def read_row_group(parquet: pq.ParquetFile | Path, row_group: int) -> list[str]:
+    """The texts of one row group of a shard (an open ParquetFile or its path)."""
+    if not isinstance(parquet, pq.ParquetFile):
+        parquet = pq.ParquetFile(parquet)
+    return parquet.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
 
 
 def iter_documents_batched(split: str, start: int = 0, step: int = 1, data_dir: Path | None = None
@@ -133,34 +181,35 @@ def is_valid_shard(path: Path) -> bool:
     return True
 
 
-def download_shard(index: int, dest_dir: Path, base_url: str = BASE_URL, retries: int = 5, backoff: float = 2.0,
-                   timeout: float = 60.0) -> Path:
-    """Make dest_dir/shard_XXXXX.parquet a valid shard: keep it if it already is one, else copy it from the mirror
-    or download it, retrying failures (HTTP errors, dropped connections, truncated or invalid files) up to `retries`
-    times with exponential backoff (backoff, 2*backoff, 4*backoff, ... seconds)."""
-    name = shard_name(index)
+def download_shard(index: int, dest_dir: Path, base_url: str | None = None, retries: int = 5, backoff: float = 2.0,
+                   timeout: float = 60.0, corpus: str = DEFAULT_CORPUS) -> Path:
+    """Make dest_dir/shard_XXXXX.parquet a valid shard of `corpus`: keep it if it already is one, else copy it from the
+    mirror or download it (from base_url, default the corpus's), retrying failures (HTTP errors, dropped connections,
+    truncated or invalid files) up to `retries` times with exponential backoff (backoff, 2*backoff, ... seconds)."""
+    spec = get_corpus(corpus)
+    name = spec.shard_name(index)
     path = dest_dir / name
     if path.exists():
         if is_valid_shard(path):
             return path
         path.unlink()  # corrupt leftover (e.g. from a tool that does not write atomically): fetch it again
 
-    mirror = mirror_path("fineweb", name)
+    mirror = mirror_path(spec.mirror_subdir, name)
     # a mirror's copy goes through the same length and parquet checks as a download, as a file:// URL
-    source = mirror.resolve().as_uri() if mirror is not None else f"{base_url.rstrip('/')}/{name}"
+    source = mirror.resolve().as_uri() if mirror is not None else f"{(base_url or spec.base_url).rstrip('/')}/{name}"
     try:
         return download_file(source, path, retries=retries, backoff_seconds=backoff, timeout=timeout,
                              validate=validate_shard)
     except DownloadError as e:
         if e.status is not None:
             raise ShardDownloadError(f"{source}: HTTP {e.status}, which retrying will not fix: check the shard index "
-                                     f"(0..{MAX_SHARD}) and --base-url / NANOCHAT_SHARD_URL") from e
+                                     f"(0..{spec.max_shard}) and --base-url / NANOCHAT_SHARD_URL") from e
         raise ShardDownloadError(str(e)) from e
 
 
-def download_shards(indices: list[int], dest_dir: Path, base_url: str = BASE_URL, workers: int = 8,
-                    retries: int = 5, backoff: float = 2.0, timeout: float = 60.0, progress: bool = True
-                    ) -> tuple[list[Path], dict[int, str]]:
+def download_shards(indices: list[int], dest_dir: Path, base_url: str | None = None, workers: int = 8,
+                    retries: int = 5, backoff: float = 2.0, timeout: float = 60.0, progress: bool = True,
+                    corpus: str = DEFAULT_CORPUS) -> tuple[list[Path], dict[int, str]]:
     """Download shards in parallel threads (the work is network-bound). Returns (valid paths, {index: error})."""
     from tqdm import tqdm
 
@@ -168,7 +217,8 @@ def download_shards(indices: list[int], dest_dir: Path, base_url: str = BASE_URL
     done: list[Path] = []
     failed: dict[int, str] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(download_shard, i, dest_dir, base_url, retries, backoff, timeout): i for i in indices}
+        futures = {pool.submit(download_shard, i, dest_dir, base_url, retries, backoff, timeout, corpus): i
+                   for i in indices}
         with tqdm(total=len(indices), unit="shard", desc="shards", disable=not progress) as bar:
             for future in as_completed(futures):
                 try:
@@ -180,34 +230,45 @@ def download_shards(indices: list[int], dest_dir: Path, base_url: str = BASE_URL
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Download FineWeb-Edu pretraining shards (train shards 0..N-1 plus "
-                                                 f"the validation shard {MAX_SHARD})")
+    parser = argparse.ArgumentParser(description="Download pretraining shards of a corpus (train shards 0..N-1 plus "
+                                                 "its last shard, the validation split)")
+    parser.add_argument("--corpus", choices=list(CORPORA), default=DEFAULT_CORPUS,
+                        help=f"which corpus (default {DEFAULT_CORPUS}): " + ", ".join(
+                            f"{name} {spec.max_shard} train shards" for name, spec in CORPORA.items()))
     parser.add_argument("-n", "--num-shards", type=int, default=-1,
-                        help=f"number of train shards to download (-1 = all {MAX_SHARD}); ~100MB each")
+                        help="number of train shards to download (-1 = all); ~100MB each")
     parser.add_argument("-w", "--workers", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--base-url", default=os.environ.get("NANOCHAT_SHARD_URL", BASE_URL),
-                        help="where the shards live (default: $NANOCHAT_SHARD_URL or the Hugging Face dataset)")
-    parser.add_argument("--dest", type=Path, default=None, help="output directory (default: $NANOCHAT_BASE_DIR/base_data)")
+    parser.add_argument("--base-url", default=None,
+                        help="where the shards live (default: the corpus's Hugging Face dataset; for fineweb "
+                             "$NANOCHAT_SHARD_URL when set)")
+    parser.add_argument("--dest", type=Path, default=None,
+                        help="output directory (default: $NANOCHAT_BASE_DIR/base_data for fineweb, "
+                             "base_data_<corpus> for the others)")
     parser.add_argument("--retries", type=int, default=5)
     parser.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubling each time")
     args = parser.parse_args(argv)
-    if args.num_shards < -1 or args.num_shards == 0 or args.num_shards > MAX_SHARD:
-        parser.error(f"-n must be between 1 and {MAX_SHARD} train shards, or -1 for all")
+    spec = CORPORA[args.corpus]
+    if args.num_shards < -1 or args.num_shards == 0 or args.num_shards > spec.max_shard:
+        parser.error(f"-n must be between 1 and {spec.max_shard} train shards of {args.corpus}, or -1 for all")
     if args.workers < 1:
         parser.error("-w must be at least 1")
     if args.retries < 0:
         parser.error("--retries must be at least 0")
 
-    dest = args.dest or get_base_dir() / "base_data"
-    num_train = MAX_SHARD if args.num_shards == -1 else args.num_shards
-    indices = [*range(num_train), MAX_SHARD]
-    mirror = mirror_path("fineweb")
+    # NANOCHAT_SHARD_URL predates the registry and names a FineWeb server: another corpus never reads from it
+    env_url = os.environ.get("NANOCHAT_SHARD_URL") if args.corpus == "fineweb" else None
+    base_url = args.base_url or env_url or spec.base_url
+    dest = args.dest or get_base_dir() / spec.local_subdir
+    num_train = spec.max_shard if args.num_shards == -1 else args.num_shards
+    indices = [*range(num_train), spec.max_shard]
+    mirror = mirror_path(spec.mirror_subdir)
     if mirror is not None and args.dest is None:
         print(f"note: the local mirror {mirror} holds {len(list_shards(mirror))} shards and training reads it in "
               f"place while NANOCHAT_DATA_DIR={get_data_dir()} is set; shards it holds are copied, not downloaded")
-    print(f"downloading {len(indices)} shards ({num_train} train + validation shard {MAX_SHARD}) from "
-          f"{args.base_url} to {dest} with {args.workers} workers")
-    done, failed = download_shards(indices, dest, args.base_url, args.workers, args.retries, args.backoff)
+    print(f"downloading {len(indices)} {args.corpus} shards ({num_train} train + validation shard {spec.max_shard}) "
+          f"from {base_url} to {dest} with {args.workers} workers")
+    done, failed = download_shards(indices, dest, base_url, args.workers, args.retries, args.backoff,
+                                   corpus=args.corpus)
     print(f"{len(done)}/{len(indices)} shards valid in {dest}")
     if failed:
         for index, error in sorted(failed.items()):

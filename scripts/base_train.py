@@ -36,7 +36,8 @@ from nanochat.common import (
     parse_script_args,
     print0,
 )
-from nanochat.dataloader import DistributedTokenLoader
+from nanochat.dataloader import PACKINGS, DistributedTokenLoader
+from nanochat.dataset import CORPORA, DEFAULT_CORPUS, default_shard_dir
 from nanochat.gpt import INIT_SCHEMES, model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scaling import LossScaler
@@ -73,7 +74,7 @@ RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_siz
                                        "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
                                        "unembedding_lr", "matrix_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
                                        "final_lr_frac", "data", "val_data"]),
-                      "seed": 42, "rope_base": 10000.0,
+                      "seed": 42, "rope_base": 10000.0, "corpus": "fineweb", "packing": "stream",
                       **dict.fromkeys(["value_embeddings", "layer_scalars", "smear", "backout"], False),
                       "window_pattern": "L", "qk_gain": 1.0, "vocab_multiple": 1, "init": "normal"}
 
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "({\"text\": ...} per line) or .txt files (one document each)")
     parser.add_argument("--val-data", default=None, help="the validation text, in the same forms (default: the last "
                                                          "file of --data)")
+    parser.add_argument("--corpus", choices=list(CORPORA), default=DEFAULT_CORPUS,
+                        help="the published corpus to pretrain on when there is no --data (nanochat/dataset.py; get "
+                             "it with `python -m nanochat.dataset --corpus NAME -n 8`)")
+    parser.add_argument("--packing", choices=PACKINGS, default="stream",
+                        help="how training rows are cut from documents: stream (back to back, rows cut anywhere) or "
+                             "best_fit (each row starts at a document, best-fit packed; validation always streams)")
     # the model
     parser.add_argument("--depth", type=int, default=20, help="number of layers; width and heads follow")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: 2048 on CUDA, 512 else)")
@@ -173,6 +180,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     check_every_flags(parser, args, "eval_every", "sample_every", "save_every", "core_metric_every")
     if args.val_data is not None and args.data is None:
         parser.error("--val-data needs --data: the FineWeb shards bring their own validation shard")
+    if args.data is not None and args.corpus != DEFAULT_CORPUS:
+        parser.error("--data replaces the published corpus: give --data or --corpus, not both")
     # absolute, so that a resume from another directory names the same data
     args.data, args.val_data = (str(Path(path).expanduser().resolve()) if path is not None else None
                                 for path in (args.data, args.val_data))
@@ -293,7 +302,7 @@ def train(args: argparse.Namespace, dist_info) -> None:
 
     train_loader = DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                                           resume_state=resumed.rank_state["dataloader"] if resumed else None,
-                                          data_dir=data_dir)
+                                          data_dir=data_dir, packing=args.packing)
     loader_state = train_loader.state_dict()  # the position of the batch fetched next: what a checkpoint saves
     inputs, targets = next(train_loader)
 
@@ -412,9 +421,10 @@ def fetch_core_bundle(master: bool):
 
 
 def prepare_data_dir(args: argparse.Namespace, master: bool) -> Path | None:
-    """The shard directory of --data (None: FineWeb's), converted once by rank 0 (the others wait, then find it)."""
+    """The shard directory of --data (None: FineWeb's; another --corpus: its shards), converted once by rank 0 (the
+    others wait, then find it)."""
     if args.data is None:
-        return None
+        return None if args.corpus == DEFAULT_CORPUS else default_shard_dir(args.corpus)
     val_data = Path(args.val_data) if args.val_data is not None else None
     data_dir = prepare_own_data(Path(args.data), val_data, log=print0) if master else None
     if torch.distributed.is_initialized():

@@ -13,7 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat.dataset import (
+    CORPORA,
     MAX_SHARD,
+    ShardDownloadError,
+    default_shard_dir,
     download_shard,
     download_shards,
     iter_documents_batched,
@@ -182,3 +185,47 @@ def test_shards_the_mirror_holds_are_copied_not_downloaded(tmp_path):
     path = download_shard(0, tmp_path, base_url="http://127.0.0.1:9/unreachable", retries=0)
     validate_shard(path)
     assert path.read_bytes() == (Path(list_shards()[0])).read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# Corpora other than FineWeb: ClimbMix, through the same download code
+
+
+def test_climbmix_downloads_into_its_own_directory_through_the_same_checks(served, tmp_path, base_dir):
+    climbmix = CORPORA["climbmix"]
+    for i in (0, 1, climbmix.max_shard):
+        write_shard(served / climbmix.shard_name(i), shard_texts(i))
+    # shard 0 arrives corrupt (half a file under a matching length: only the parquet check can tell), then whole
+    plans = {climbmix.shard_name(0): ["lie"], climbmix.shard_name(1): ["500"]}
+    with flaky_server(served, plans) as (url, requests):
+        assert main(["--corpus", "climbmix", "-n", "2", "-w", "2", "--base-url", url, "--backoff", "0.001"]) == 0
+    dest = base_dir / "base_data_climbmix"
+    assert default_shard_dir("climbmix") == dest  # where training reads it (no mirror here)
+    assert [p.name for p in list_shards(dest)] == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    assert pq.read_table(dest / climbmix.shard_name(0)).column("text").to_pylist() == shard_texts(0)
+    assert requests[climbmix.shard_name(0)] == 2 and requests[climbmix.shard_name(1)] == 2
+    assert not (base_dir / "base_data").exists()  # FineWeb's directory is untouched
+
+
+def test_a_corpus_reads_its_own_mirror_and_never_another_corpus_mirror(tmp_path, monkeypatch):
+    # the shared mirror holds fineweb only: climbmix is not copied from it
+    assert default_shard_dir("climbmix").name == "base_data_climbmix"
+    with pytest.raises(ShardDownloadError):
+        download_shard(0, tmp_path, "http://127.0.0.1:9/unreachable", retries=0, corpus="climbmix")
+    mirror = tmp_path / "mirror"
+    write_shard(mirror / "climbmix" / shard_name(0), shard_texts(0))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(mirror))
+    assert default_shard_dir("climbmix") == mirror / "climbmix"
+    copied = download_shard(0, tmp_path / "dest", "http://127.0.0.1:9/unreachable", retries=0, corpus="climbmix")
+    assert copied.read_bytes() == (mirror / "climbmix" / shard_name(0)).read_bytes()
+
+
+def test_cli_bounds_n_by_the_chosen_corpus(capsys):
+    with pytest.raises(SystemExit):
+        main(["--corpus", "climbmix", "-n", "6543"])
+    assert "between 1 and 6542 train shards of climbmix" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--corpus", "dolma"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown corpus 'dolma'"):
+        default_shard_dir("dolma")
