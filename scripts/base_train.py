@@ -38,6 +38,7 @@ from nanochat.common import (
 )
 from nanochat.dataloader import PACKINGS, DistributedTokenLoader
 from nanochat.dataset import CORPORA, DEFAULT_CORPUS, default_shard_dir
+from nanochat.fp8 import DEFAULT_MIN_FEATURES, enable_fp8
 from nanochat.gpt import INIT_SCHEMES, model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scaling import LossScaler
@@ -74,7 +75,7 @@ RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_siz
                                        "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
                                        "unembedding_lr", "matrix_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
                                        "final_lr_frac", "data", "val_data"]),
-                      "seed": 42, "rope_base": 10000.0, "corpus": "fineweb", "packing": "stream",
+                      "seed": 42, "rope_base": 10000.0, "corpus": "fineweb", "packing": "stream", "fp8": False,
                       **dict.fromkeys(["value_embeddings", "layer_scalars", "smear", "backout"], False),
                       "window_pattern": "L", "qk_gain": 1.0, "vocab_multiple": 1, "init": "normal"}
 
@@ -86,6 +87,9 @@ RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_siz
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, "pretraining")
+    parser.add_argument("--fp8", action="store_true",
+                        help=f"FP8 matmuls in the blocks' linear layers >= {DEFAULT_MIN_FEATURES} wide (nanochat/fp8.py): "
+                             "needs CUDA capability 8.9+ (Ada, Hopper); on CPU an emulation, slow, for dry runs")
     # the text (default: the FineWeb-Edu shards)
     parser.add_argument("--data", default=None, help="your own text: a directory of parquet shards, .jsonl files "
                                                      "({\"text\": ...} per line) or .txt files (one document each)")
@@ -273,6 +277,8 @@ def train(args: argparse.Namespace, dist_info) -> None:
     token_bytes = get_token_bytes(device)
     directory = checkpoint_dir("base", args.model_tag)
     orig_model, resumed = load_or_resume(args, dist_info, directory, tokenizer.get_vocab_size())
+    if args.fp8:  # before torch.compile, which then traces the FP8 matmuls
+        print0(f"fp8: {enable_fp8(orig_model)} linear layers multiply in FP8")
     config = orig_model.config
     model = compile_policy(orig_model, args.compile, device_type)  # sampling, CORE and checkpoints use orig_model
 
