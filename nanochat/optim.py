@@ -12,6 +12,9 @@ layers; embeddings and the LM head want AdamW.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -19,18 +22,93 @@ from torch import Tensor
 from nanochat.kernels import newtonschulz_dtype
 
 # -----------------------------------------------------------------------------
+# Newton-Schulz coefficients: one fixed quintic, or Polar Express's own quintic for every iteration
+#
+# Each iteration applies an odd quintic p(x) = a x + b x^3 + c x^5 to every singular value at once (X -> a X +
+# b (X X^T) X + c (X X^T)^2 X). The fixed triple repeats one p; Polar Express (Amsel et al., 2025,
+# arXiv:2505.16932) picks, for iteration k, the p closest to 1 (minimax) on the interval [l_k, u_k] that the singular
+# values are known to lie in after k iterations, which is the optimal composition of quintics (their Theorem 4.1).
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+# the smallest singular value (relative to the Frobenius norm the iteration first divides by) the composition is
+# designed for, the paper's choice too: smaller ones still grow by the product of the slopes a_k (~1000x over 5
+# steps; the fixed quintic's 3.4445^5 ~ 490x). On [1e-3, 1], 5 Polar Express steps leave a max error |1 - p(x)| of
+# 0.12, 6 steps 0.0014; the fixed quintic 0.53 and 0.32.
+POLAR_EXPRESS_LOWER = 1e-3
+# each p is fitted on [l_k, 1.01 u_k]: bf16 rounding can push a singular value a little above u_k, and past the
+# interval's end a quintic grows like x^5 (iterated, that diverges). Our form of the paper's safety factor (they
+# evaluate p(x / 1.01)); it costs little accuracy: 5 steps' max error is 0.124 instead of 0.113 without it.
+POLAR_EXPRESS_MARGIN = 1.01
+NS_COEFFICIENTS = ("quintic", "polar_express")
+
+
+def minimax_odd_quintic(lower: float, upper: float) -> tuple[tuple[float, float, float], float]:
+    """((a, b, c), E): the odd quintic p(x) = a x + b x^3 + c x^5 with the least max |1 - p(x)| = E on
+    0 < lower <= x <= upper, by Remez exchange in float64.
+
+    A nonzero odd quintic x (a + b x^2 + c x^4) has at most two positive roots, so {x, x^3, x^5} is a Chebyshev
+    system on (0, inf) and the best p is the one whose error equioscillates at 4 points: both ends and the two
+    critical points of p (the positive roots of p'(x) = a + 3b x^2 + 5c x^4, a quadratic in x^2). Each exchange
+    solves p(x_i) + (-1)^i E = 1 on the 4 reference points, then moves the inner two to p's critical points; E only
+    ever grows towards the minimax error, and the largest error on the new points bounds it from above."""
+    reference = np.linspace(lower, upper, 4)
+    alternating = np.array([1.0, -1.0, 1.0, -1.0])
+    for _ in range(100):
+        system = np.stack([reference, reference ** 3, reference ** 5, alternating], axis=1)
+        a, b, c, levelled = np.linalg.solve(system, np.ones(4))
+        squares = np.roots([5 * c, 3 * b, a])
+        squares = np.sort(squares[np.isreal(squares)].real)
+        critical = np.sqrt(squares[squares > 0])
+        critical = critical[(critical > lower) & (critical < upper)]
+        assert len(critical) == 2, f"Remez on [{lower}, {upper}]: the error does not equioscillate"
+        reference = np.array([lower, *critical, upper])
+        largest_error = np.abs(1 - (a * reference + b * reference ** 3 + c * reference ** 5)).max()
+        if largest_error - abs(levelled) <= 1e-12 * largest_error:
+            break
+    return (float(a), float(b), float(c)), float(largest_error)
+
+
+@functools.lru_cache
+def polar_express_coefficients(steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of `steps` iterations, computed once per process. The singular values start in
+    [POLAR_EXPRESS_LOWER, 1]; a minimax p maps [l, u] onto [1 - E, 1 + E] (its error is +-E at both ends and at its
+    critical points), which is the next interval. The fit only depends on u / l, so no rescaling is needed: keeping
+    the interval centred on 1 makes the last iteration's output as close to 1 as the composition can get."""
+    lower, upper = POLAR_EXPRESS_LOWER, 1.0
+    coefficients = []
+    for _ in range(steps):
+        quintic, error = minimax_odd_quintic(lower, POLAR_EXPRESS_MARGIN * upper)
+        coefficients.append(quintic)
+        lower, upper = 1 - error, 1 + error
+    return tuple(coefficients)
+
+
+def newton_schulz_coefficients(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """Muon's ns_coefficients ("quintic" | "polar_express") as one (a, b, c) per iteration."""
+    if name == "quintic":
+        return (QUINTIC,) * steps
+    if name == "polar_express":
+        return polar_express_coefficients(steps)
+    raise ValueError(f"unknown Newton-Schulz coefficients {name!r}: use one of {NS_COEFFICIENTS}")
+
+
+
+# -----------------------------------------------------------------------------
 # Newton-Schulz orthogonalization
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | None = None,
+                                coefficients: tuple[tuple[float, float, float], ...] | None = None) -> Tensor:
     """Approximately U @ V.T for G = U S V.T, via a quintic Newton-Schulz iteration.
 
-    The coefficients (a, b, c) maximize the slope at zero, so small singular values grow fast; the iteration does not
-    converge to exactly 1 but to roughly U S' V.T with S' in [0.7, 1.2], which does not hurt training; the same
-    tolerance makes it stable in bf16, which it uses where bf16 is fast (newtonschulz_dtype). G may be a batch of
-    matrices (..., rows, cols), each orthogonalized on its own. dtype: the iteration's (default newtonschulz_dtype)."""
+    The fixed coefficients (QUINTIC) maximize the slope at zero, so small singular values grow fast; the iteration
+    does not converge to exactly 1 but to roughly U S' V.T with S' in [0.7, 1.2], which does not hurt training; the
+    same tolerance makes it stable in bf16, which it uses where bf16 is fast (newtonschulz_dtype). G may be a batch of
+    matrices (..., rows, cols), each orthogonalized on its own. dtype: the iteration's (default newtonschulz_dtype).
+    coefficients: one (a, b, c) per iteration (default: QUINTIC each time; see newton_schulz_coefficients)."""
     assert G.ndim >= 2
-    a, b, c = (3.4445, -4.7750, 2.0315)
+    coefficients = coefficients or (QUINTIC,) * steps
+    assert len(coefficients) == steps
     X = G.to(dtype or newtonschulz_dtype(G.device))
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
@@ -38,7 +116,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])  # one batch dimension, for baddbmm
-    for _ in range(steps):
+    for a, b, c in coefficients:
         A = X @ X.mT
         # the scaled sums inside the matmuls (beta * input + alpha * product): no separate elementwise passes, and
         # no bf16 rounding between product and sum. 2 Zen 5 cores, bf16, 16 x 256 x 256: 12.4 -> 10.5 ms, and half
@@ -54,15 +132,16 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype | 
 _compiled_newtonschulz = None
 
 
-def orthogonalize(G: Tensor, steps: int) -> Tensor:
+def orthogonalize(G: Tensor, steps: int, ns_coefficients: str = "quintic") -> Tensor:
     """Newton-Schulz, compiled on CUDA (it is a chain of small matmuls and elementwise ops, a good fusion target)."""
     global _compiled_newtonschulz
-    dtype = newtonschulz_dtype(G.device)  # chosen outside the compiled graph: a constant for it
+    dtype = newtonschulz_dtype(G.device)  # chosen outside the compiled graph: constants for it
+    coefficients = newton_schulz_coefficients(ns_coefficients, steps)
     if not G.is_cuda:
-        return zeropower_via_newtonschulz5(G, steps, dtype)
+        return zeropower_via_newtonschulz5(G, steps, dtype, coefficients)
     if _compiled_newtonschulz is None:
         _compiled_newtonschulz = torch.compile(zeropower_via_newtonschulz5)
-    return _compiled_newtonschulz(G, steps, dtype)
+    return _compiled_newtonschulz(G, steps, dtype, coefficients)
 
 
 def momentum_direction(grad: Tensor, momentum_buffer: Tensor, momentum: float, nesterov: bool) -> Tensor:
@@ -71,9 +150,22 @@ def momentum_direction(grad: Tensor, momentum_buffer: Tensor, momentum: float, n
     return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
 
 
-def muon_update(grad: Tensor, momentum_buffer: Tensor, momentum: float, nesterov: bool, ns_steps: int) -> Tensor:
+def muon_update(grad: Tensor, momentum_buffer: Tensor, group: dict) -> Tensor:
     """The orthogonalized (Nesterov) momentum step for one matrix; updates momentum_buffer in place."""
-    return orthogonalize(momentum_direction(grad, momentum_buffer, momentum, nesterov), ns_steps)
+    direction = momentum_direction(grad, momentum_buffer, group["momentum"], group["nesterov"])
+    return orthogonalize(direction, group["ns_steps"], group["ns_coefficients"])
+
+
+def normuon_normalize(update: Tensor, second_moment: Tensor, beta2: float, eps: float = 1e-8) -> Tensor:
+    """NorMuon (Li et al., 2025, arXiv:2510.05491): an orthogonal update gives every output row (neuron) about the
+    same size in total, not per entry; dividing each row by the root of an EMA of its mean square evens out the
+    neurons' step sizes over time. The result is rescaled to the orthogonal update's Frobenius norm, so lr keeps its
+    meaning; that also cancels any common factor, so the zero-initialized EMA needs no bias correction.
+    update: (rows, cols); second_moment: (rows, 1) fp32, updated in place."""
+    update = update.float()
+    second_moment.lerp_(update.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    normalized = update / (second_moment.sqrt() + eps)
+    return normalized * (update.norm() / normalized.norm().clamp_min(1e-30))  # a zero update stays zero, not NaN
 
 
 def muon_lr_scale(p: Tensor) -> float:
@@ -97,12 +189,51 @@ def _group_by_shape(params: list[Tensor]) -> list[dict]:
 # Muon, one process
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for 2-D hidden-layer weights. lr is in units of the update's spectral norm (the update is orthogonal)."""
+# what a group saved before the variants existed ran with: every variant off
+VARIANTS_OFF = {"ns_coefficients": "quintic", "normuon": False, "normuon_beta2": 0.95, "weight_decay": 0.0,
+                "cautious_weight_decay": True}
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
-        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps}
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D hidden-layer weights. lr is in units of the update's spectral norm (the update is orthogonal).
+
+    Variants, each off by default: ns_coefficients="polar_express" (one minimax quintic per Newton-Schulz step);
+    normuon (each output row's step normalized by an EMA, beta2 normuon_beta2, of its mean square: normuon_normalize);
+    weight_decay, decoupled and scaled with the scheduled lr (p -= lr * weight_decay * p), with
+    cautious_weight_decay applied only where the update and the weight have the same sign, i.e. where the update
+    already pulls the weight towards 0 (Chen et al., 2025, "Cautious Weight Decay", arXiv:2510.12402)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 ns_coefficients: str = "quintic", normuon: bool = False, normuon_beta2: float = 0.95,
+                 weight_decay: float = 0.0, cautious_weight_decay: bool = True):
+        if ns_coefficients not in NS_COEFFICIENTS:
+            raise ValueError(f"unknown ns_coefficients {ns_coefficients!r}: use one of {NS_COEFFICIENTS}")
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
+                    "ns_coefficients": ns_coefficients, "normuon": normuon, "normuon_beta2": normuon_beta2,
+                    "weight_decay": weight_decay, "cautious_weight_decay": cautious_weight_decay}
         super().__init__(_group_by_shape(list(params)), defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        """load_state_dict takes the saved groups' settings: a state saved before the variants existed has none."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in VARIANTS_OFF.items():
+                group.setdefault(key, value)
+
+    def apply_update(self, param: Tensor, target: Tensor, update: Tensor, group: dict) -> None:
+        """target (param itself, or DistMuon's copy of it) <- one step of param: the orthogonal update, row-normalized
+        with NorMuon, weight decay, then the step at lr."""
+        if group["normuon"]:
+            state = self.state[param]
+            if "second_moment" not in state:
+                state["second_moment"] = torch.zeros(param.size(0), 1, dtype=torch.float32, device=param.device)
+            update = normuon_normalize(update, state["second_moment"], group["normuon_beta2"])
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if weight_decay and group["cautious_weight_decay"]:
+            target.sub_(target * (update.sign() == target.sign()), alpha=lr * weight_decay)
+        elif weight_decay:
+            target.mul_(1 - lr * weight_decay)
+        target.add_(update.to(target.dtype), alpha=-lr * muon_lr_scale(target))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,9 +249,9 @@ class Muon(torch.optim.Optimizer):
                 directions.append(momentum_direction(p.grad, state["momentum_buffer"], group["momentum"],
                                                      group["nesterov"]))
             # a group holds matrices of one shape: one batched Newton-Schulz for all of them, not one per matrix
-            updates = orthogonalize(torch.stack(directions), group["ns_steps"])
+            updates = orthogonalize(torch.stack(directions), group["ns_steps"], group["ns_coefficients"])
             for p, update in zip(params, updates):
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * muon_lr_scale(p))
+                self.apply_update(p, p, update, group)
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +297,8 @@ class _ReduceScatterMean:
 class DistMuon(Muon):
     """Muon under torch.distributed. A shape group's matrices are processed in blocks of world_size: one
     reduce_scatter averages the block's gradients and hands matrix i of the block to rank i, which runs the Muon update
-    (its momentum buffer lives only there), and one all_gather brings every rank the updated block."""
+    (its momentum buffer and NorMuon's second moments live only there), and one all_gather brings every rank the
+    updated block."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -194,9 +326,8 @@ class DistMuon(Muon):
                 state = self.state[owned]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(my_grad)
-                update = muon_update(my_grad, state["momentum_buffer"], group["momentum"], group["nesterov"],
-                                     group["ns_steps"])
-                mine.copy_(owned).add_(update.to(mine.dtype), alpha=-group["lr"] * muon_lr_scale(owned))
+                mine.copy_(owned)
+                self.apply_update(owned, mine, muon_update(my_grad, state["momentum_buffer"], group), group)
             values = torch.empty((world_size, *block[0].shape), dtype=block[0].dtype, device=block[0].device)
             gathers.append((block, values, dist.all_gather_into_tensor(values.view(-1), mine.view(-1), async_op=True)))
 

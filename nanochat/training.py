@@ -2,7 +2,7 @@
 (their data, their loss, their evaluations, their report section); the rest lives here, in the order a stage uses it:
 
 - flags: the ones every stage takes (wandb run, device, resume, compile, checkpoint pruning, the optimizers' learning
-  rates) and torchrun's `--` pass-through;
+  rates and variants) and torchrun's `--` pass-through;
 - schedules: the learning rate and Muon's momentum, one function each, applied to the optimizers in one place;
 - the run: its checkpoint directory; a fresh run sets an earlier run's checkpoints aside, a resumed run is checked
   against the run it continues (same tokenizer, same run-defining flags, same number of ranks); the optimizers;
@@ -48,6 +48,7 @@ from nanochat.checkpoint import (
 from nanochat.common import all_reduce_sum, get_base_dir, print0
 from nanochat.loading import ExportError
 from nanochat.loss_scaling import LossScaler
+from nanochat.optim import NS_COEFFICIENTS
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 from tasks.common import MalformedDataError
 
@@ -77,7 +78,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, init_lr_frac: float | None = None) -> None:
-    """The optimizers' learning rates (pretraining's; a chat stage scales them all by --init-lr-frac)."""
+    """The optimizers' learning rates (pretraining's; a chat stage scales them all by --init-lr-frac) and the
+    optimizer variants, each off by default (nanochat/optim.py). --momentum-warmdown is pretraining's only (no
+    init_lr_frac): the chat stages' schedules do not take it."""
     group = parser.add_argument_group("optimizer")
     group.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding")
     group.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the LM head")
@@ -86,6 +89,60 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, init_lr_frac: float
     if init_lr_frac is not None:
         group.add_argument("--init-lr-frac", type=float, default=init_lr_frac,
                            help="learning rates as a fraction of the above")
+    group.add_argument("--embedding-betas", type=beta_pair, default=None, metavar="BETA1,BETA2",
+                       help="AdamW betas of the embeddings (default: the LM head's, 0.8,0.95)")
+    group.add_argument("--muon-ns", choices=NS_COEFFICIENTS, default="quintic",
+                       help="Muon's Newton-Schulz coefficients: one fixed quintic, or Polar Express's per step")
+    group.add_argument("--normuon", type=beta, nargs="?", const=0.95, default=None, metavar="BETA2",
+                       help="NorMuon: normalize each row of Muon's update by an EMA (BETA2, default 0.95) of its "
+                            "mean square")
+    group.add_argument("--muon-weight-decay", type=non_negative_float, default=0.0,
+                       help="Muon's decoupled weight decay, scaled with the lr schedule")
+    group.add_argument("--muon-cautious-weight-decay", action=argparse.BooleanOptionalAction, default=True,
+                       help="decay a weight only where Muon's update has its sign (with --muon-weight-decay)")
+    if init_lr_frac is None:
+        group.add_argument("--momentum-warmdown", action="store_true",
+                           help="bring Muon's momentum back down to 0.85 across the lr warmdown")
+
+
+def number_flag(text: str, low: float, high: float, bounds: str) -> float:
+    """A flag's number in [low, high); anything else is a parser error that names the range."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value < high:
+        raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text!r}")
+    return value
+
+
+def beta(text: str) -> float:
+    return number_flag(text, 0.0, 1.0, "in [0, 1)")
+
+
+def non_negative_float(text: str) -> float:
+    return number_flag(text, 0.0, math.inf, ">= 0")
+
+
+def beta_pair(text: str) -> list[float]:
+    """BETA1,BETA2, each in [0, 1). A list, as a run's saved flags read back from its JSON meta."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) as BETA1,BETA2 (e.g. 0.8,0.95), got {text!r}")
+    return [beta(part) for part in parts]
+
+
+# the variant flags define a run in every stage that takes them (a resume is checked against them), with the value a
+# run saved before they existed ran with: all off
+OPTIMIZER_VARIANT_FLAGS = {"embedding_betas": None, "muon_ns": "quintic", "normuon": None, "muon_weight_decay": 0.0,
+                           "muon_cautious_weight_decay": True, "momentum_warmdown": False}
+
+
+def muon_options(args: argparse.Namespace) -> dict:
+    """Muon's keyword arguments for the variant flags."""
+    return {"ns_coefficients": args.muon_ns, "normuon": args.normuon is not None,
+            "normuon_beta2": args.normuon if args.normuon is not None else 0.95,
+            "weight_decay": args.muon_weight_decay, "cautious_weight_decay": args.muon_cautious_weight_decay}
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -113,28 +170,45 @@ def lr_multiplier(step: float, num_steps: float, warmup_ratio: float = 0.0, warm
     measures its progress in passes over the data). Pretraining: warmup 0, warmdown 0.2; SFT and RL: warmdown 1,
     i.e. 1 - step / num_steps."""
     warmup_steps = warmup_ratio * num_steps
-    warmdown_steps = warmdown_ratio * num_steps
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    remaining = warmdown_remaining(step, num_steps, warmdown_ratio)
+    return remaining + (1 - remaining) * final_lr_frac  # exactly 1.0 before the warmdown
+
+
+def warmdown_remaining(step: float, num_steps: float, warmdown_ratio: float) -> float:
+    """How much of the warmdown over the last warmdown_ratio of training is still ahead: 1 until it starts, then
+    linearly down to 0 at num_steps (never below)."""
+    warmdown_steps = warmdown_ratio * num_steps
     if step <= num_steps - warmdown_steps or warmdown_steps == 0:
         return 1.0
-    progress = max(0.0, (num_steps - step) / warmdown_steps)  # 1 -> 0 across the warmdown
-    return progress + (1 - progress) * final_lr_frac
+    return max(0.0, (num_steps - step) / warmdown_steps)
 
 
-def muon_momentum(step: int) -> float:
-    """0.85 -> 0.95 over the first 300 steps: a short memory while a fresh optimizer's gradients change fast."""
+def muon_momentum(step: int, warmdown_left: float = 1.0) -> float:
+    """0.85 -> 0.95 over the first 300 steps: a short memory while a fresh optimizer's gradients change fast.
+    warmdown_left < 1 (--momentum-warmdown: warmdown_remaining of the lr's warmdown) brings it linearly back to 0.85
+    as the lr decays, so the annealing steps follow fresher gradients (an ablation decides whether that helps)."""
     frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+    momentum = (1 - frac) * 0.85 + frac * 0.95
+    if warmdown_left >= 1.0:
+        return momentum  # untouched: (m - 0.85) + 0.85 need not round back to m
+    return 0.85 + (momentum - 0.85) * warmdown_left
 
 
-def apply_schedule(optimizers: list[torch.optim.Optimizer], multiplier: float, step: int) -> None:
-    """This step's learning rates (each group's initial_lr x multiplier) and Muon's momentum."""
+def momentum_warmdown_left(args: argparse.Namespace, step: int, num_steps: int) -> float:
+    """muon_momentum's warmdown_left for a pretraining step: the lr warmdown's with --momentum-warmdown, else 1."""
+    return warmdown_remaining(step, num_steps, args.warmdown_ratio) if args.momentum_warmdown else 1.0
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], multiplier: float, step: int,
+                   warmdown_left: float = 1.0) -> None:
+    """This step's learning rates (each group's initial_lr x multiplier) and Muon's momentum (see muon_momentum)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
             if "momentum" in group:  # Muon's groups
-                group["momentum"] = muon_momentum(step)
+                group["momentum"] = muon_momentum(step, warmdown_left)
 
 
 # -----------------------------------------------------------------------------
@@ -256,7 +330,8 @@ def resume_run(stage: str, directory: Path, args: argparse.Namespace, run_defini
                        f"{PRODUCERS[stage]} without --resume, or under another tag")
     tokenizer = get_tokenizer()
     check_tokenizer(meta, tokenizer, where)
-    check_same_run(args, meta, run_defining_flags, where)
+    variant_flags = {flag: off for flag, off in OPTIMIZER_VARIANT_FLAGS.items() if hasattr(args, flag)}
+    check_same_run(args, meta, {**variant_flags, **run_defining_flags}, where)
     try:
         rank_state = pick_rank_state(meta["rank_states"], rank, world_size, f"{directory} step {step}")
     except ValueError as e:
@@ -269,9 +344,13 @@ def resume_run(stage: str, directory: Path, args: argparse.Namespace, run_defini
 def setup_optimizers(model, args: argparse.Namespace, states: list[dict] | None = None) -> list[torch.optim.Optimizer]:
     """The pretraining optimizers (AdamW + Muon) at the flags' learning rates, scaled by --init-lr-frac where the
     stage has it (finetuning starts from a trained model, which a pretraining-sized step would knock off its
-    minimum); `initial_lr` is what the schedule multiplies. `states`: a resumed run's."""
+    minimum); `initial_lr` is what the schedule multiplies. The variant flags: Muon's options (muon_options) and
+    the embeddings' AdamW betas. `states`: a resumed run's (whose saved group settings load_state_dict restores)."""
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                        muon_options=muon_options(args))
+    if args.embedding_betas is not None:
+        embedding_group(optimizers[0], model)["betas"] = tuple(args.embedding_betas)
     scale = getattr(args, "init_lr_frac", 1.0)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -280,6 +359,12 @@ def setup_optimizers(model, args: argparse.Namespace, states: list[dict] | None 
         for optimizer, state in zip(optimizers, states, strict=True):
             optimizer.load_state_dict(state)
     return optimizers
+
+
+def embedding_group(adamw: torch.optim.Optimizer, model) -> dict:
+    """The AdamW group that holds the token embedding (and any value embeddings); every group reads its own betas."""
+    token_embedding = model.transformer.wte.weight
+    return next(group for group in adamw.param_groups if any(p is token_embedding for p in group["params"]))
 
 
 def compile_policy(model, requested: bool | None, device_type: str, default_on_cuda: bool = True):

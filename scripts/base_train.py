@@ -57,6 +57,7 @@ from nanochat.training import (
     compile_policy,
     due,
     lr_multiplier,
+    momentum_warmdown_left,
     resume_run,
     save_run_checkpoint,
     set_aside_previous_run,
@@ -383,7 +384,7 @@ def train(args: argparse.Namespace, dist_info) -> None:
             loader_state = train_loader.state_dict()
             inputs, targets = next(train_loader)  # fetched while the GPU still works on the backward pass
         multiplier = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        apply_schedule(optimizers, multiplier, step)
+        apply_schedule(optimizers, multiplier, step, momentum_warmdown_left(args, step, num_iterations))
         if not scaler.step(optimizers, model):
             print0(f"step {step + 1:05d} | fp16 gradients overflowed: step skipped, loss scale now {scaler.scale:g}")
         model.zero_grad(set_to_none=True)

@@ -52,6 +52,70 @@ def test_schedule_sets_every_groups_lr_and_muons_momentum():
     assert all(group["momentum"] == pytest.approx(0.9) for group in optimizers[1].param_groups)
 
 
+def test_momentum_warmdown_brings_muons_momentum_back_down_across_the_lr_warmdown():
+    left = [training.warmdown_remaining(s, 1000, warmdown_ratio=0.2) for s in (0, 800, 900, 1000)]
+    assert left == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert [training.muon_momentum(s, w) for s, w in zip((0, 800, 900, 1000), left)] == pytest.approx(
+        [0.85, 0.95, 0.9, 0.85])
+    assert training.muon_momentum(150, 0.5) == pytest.approx(0.875)  # during warmup too, from where it is
+    args = base_train.parse_args([*FLAGS, "--warmdown-ratio=0.2"])
+    assert training.momentum_warmdown_left(args, 900, 1000) == 1.0  # off by default
+    args = base_train.parse_args([*FLAGS, "--warmdown-ratio=0.2", "--momentum-warmdown"])
+    assert training.momentum_warmdown_left(args, 900, 1000) == pytest.approx(0.5)
+
+
+def test_schedule_applies_the_momentum_warmdown_to_muon_only():
+    from nanochat.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    adamw, muon = model.setup_optimizers()
+    training.apply_schedule([adamw, muon], 0.5, step=600, warmdown_left=0.5)
+    assert all(group["momentum"] == pytest.approx(0.9) for group in muon.param_groups)
+    assert all("momentum" not in group for group in adamw.param_groups)
+
+
+def test_optimizer_variant_flags_are_off_by_default_and_build_muons_options():
+    from nanochat.gpt import GPT, GPTConfig
+
+    defaults = mid_train.parse_args([])
+    assert training.muon_options(defaults) == {"ns_coefficients": "quintic", "normuon": False, "normuon_beta2": 0.95,
+                                               "weight_decay": 0.0, "cautious_weight_decay": True}
+    args = mid_train.parse_args(["--muon-ns=polar_express", "--normuon=0.9", "--muon-weight-decay=0.1",
+                                 "--no-muon-cautious-weight-decay", "--embedding-betas=0.7,0.99"])
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    adamw, muon = training.setup_optimizers(model, args)
+    assert {key: muon.param_groups[0][key] for key in training.muon_options(defaults)} == {
+        "ns_coefficients": "polar_express", "normuon": True, "normuon_beta2": 0.9, "weight_decay": 0.1,
+        "cautious_weight_decay": False}
+    lm_head, embeddings = adamw.param_groups[:2]
+    assert embeddings["betas"] == (0.7, 0.99) and lm_head["betas"] == (0.8, 0.95)
+    assert mid_train.parse_args(["--normuon"]).normuon == 0.95
+
+
+@pytest.mark.parametrize("flag", ["--normuon=1.5", "--muon-weight-decay=-0.1", "--muon-ns=cubic",
+                                  "--embedding-betas=0.9", "--embedding-betas=0.9,x"])
+def test_a_bad_optimizer_variant_flag_is_a_parser_error(flag, capsys):
+    with pytest.raises(SystemExit):
+        base_train.parse_args([*FLAGS, flag])
+    assert flag.split("=")[0] in capsys.readouterr().err
+
+
+def test_only_pretraining_takes_the_momentum_warmdown():
+    with pytest.raises(SystemExit):
+        mid_train.parse_args(["--momentum-warmdown"])
+
+
+def test_a_resume_with_other_optimizer_variants_is_refused(base_dir, tiny_tokenizer):
+    save_tokenizer(tiny_tokenizer, base_dir)
+    variants = ["--muon-ns=polar_express", "--normuon", "--muon-weight-decay=0.1", "--momentum-warmdown",
+                "--warmdown-ratio=0.5", "--embedding-betas=0.7,0.99"]
+    assert base_train.main([*FLAGS, *variants, "--save-every=3"]) == 0
+    (base_dir / "base_checkpoints" / "d2" / "meta_000006.json").unlink()  # resume from step 3
+    with pytest.raises(SystemExit, match=r"--normuon: saved 0.95, now None"):
+        base_train.main([*FLAGS, *[v for v in variants if v != "--normuon"], "--resume"])
+    assert base_train.main([*FLAGS, *variants, "--resume"]) == 0
+
+
 def test_keep_checkpoints_prunes_all_but_the_newest(base_dir, tiny_tokenizer):
     save_tokenizer(tiny_tokenizer, base_dir)
     assert base_train.main([*FLAGS, "--save-every=1", "--keep-checkpoints=2"]) == 0
