@@ -49,6 +49,11 @@ CONFIGS = {
     "qk_gain": ["--qk-gain=1.35"],
     "init_uniform": ["--init=uniform"],
     "best_fit": ["--packing=best_fit"],
+    "polar_express": ["--muon-ns=polar_express"],
+    "normuon": ["--normuon"],
+    "cautious_wd": ["--muon-weight-decay=0.1"],
+    "momentum_warmdown": ["--momentum-warmdown"],
+    "embedding_betas": ["--embedding-betas=0.9,0.99"],
 }
 
 TOKENS_PER_SECOND = re.compile(r"\| tok/s ([\d,]+) \|")
