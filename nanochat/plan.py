@@ -76,6 +76,30 @@ SHARD_CHARS, CHARS_PER_TOKEN, SHARD_MB = 250e6, 4.8, 100  # FineWeb-Edu shards (
 
 
 # -----------------------------------------------------------------------------
+# The batch from the token budget (base_train --batch-from-depth). Public scaling results, unmeasured here: the
+# loss-optimal batch grows as the training tokens^0.383 (Power Lines, Bergsma et al. 2025, arXiv:2505.13738), anchored
+# as nanochat's 2026 recipe anchors it, at 2^19 tokens for the depth-12 model at the same tokens per parameter; the
+# learning rates follow as sqrt(batch / 2^19) (AdamW's square-root rule, assumed to hold for Muon too).
+BATCH_REFERENCE_DEPTH, BATCH_REFERENCE_TOKENS, BATCH_EXPONENT = 12, 2 ** 19, 0.383
+
+
+def scaled_batch_size(tokens: float, reference_tokens: float, micro_step_tokens: int) -> int:
+    """The batch (tokens per optimizer step) for a run of `tokens` training tokens, when a run of reference_tokens
+    wants BATCH_REFERENCE_TOKENS: rounded to the nearest power of two, and to a whole number of micro-steps."""
+    if tokens <= 0 or reference_tokens <= 0 or micro_step_tokens < 1:
+        raise ValueError(f"tokens, reference_tokens and micro_step_tokens must be positive, got {tokens}, "
+                         f"{reference_tokens}, {micro_step_tokens}")
+    ideal = BATCH_REFERENCE_TOKENS * (tokens / reference_tokens) ** BATCH_EXPONENT
+    power_of_two = 2 ** round(math.log2(ideal))
+    return max(1, round(power_of_two / micro_step_tokens)) * micro_step_tokens
+
+
+def batch_lr_scale(batch_tokens: int) -> float:
+    """The learning rates' factor at this batch: sqrt(batch / BATCH_REFERENCE_TOKENS)."""
+    return (batch_tokens / BATCH_REFERENCE_TOKENS) ** 0.5
+
+
+# -----------------------------------------------------------------------------
 # The model from its depth (nanochat/gpt.py's model_config_from_depth uses the same arithmetic)
 
 

@@ -351,7 +351,8 @@ def setup_optimizers(model, args: argparse.Namespace, states: list[dict] | None 
                                         muon_options=muon_options(args))
     if args.embedding_betas is not None:
         embedding_group(optimizers[0], model)["betas"] = tuple(args.embedding_betas)
-    scale = getattr(args, "init_lr_frac", 1.0)
+    # a chat stage's --init-lr-frac; base_train --batch-from-depth's sqrt(batch / 2^19)
+    scale = getattr(args, "init_lr_frac", 1.0) * getattr(args, "batch_lr_scale", 1.0)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * scale

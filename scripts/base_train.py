@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from nanochat.budget import RATIO_PARAMS, batch_from_depth, training_steps
 from nanochat.checkpoint import build_model, rng_state, set_rng_state
 from nanochat.common import (
     all_reduce_sum,
@@ -39,10 +40,11 @@ from nanochat.common import (
 from nanochat.dataloader import PACKINGS, DistributedTokenLoader
 from nanochat.dataset import CORPORA, DEFAULT_CORPUS, default_shard_dir
 from nanochat.fp8 import DEFAULT_MIN_FEATURES, enable_fp8
-from nanochat.gpt import INIT_SCHEMES, model_config_from_depth, peak_flops
+from nanochat.gpt import INIT_SCHEMES, GPTConfig, model_config_from_depth, peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.loss_scaling import LossScaler
 from nanochat.own_data import prepare_own_data
+from nanochat.plan import BATCH_REFERENCE_DEPTH, BATCH_REFERENCE_TOKENS
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
     RunError,
@@ -76,7 +78,8 @@ RUN_DEFINING_FLAGS = {**dict.fromkeys(["depth", "max_seq_len", "device_batch_siz
                                        "num_iterations", "target_flops", "target_param_data_ratio", "embedding_lr",
                                        "unembedding_lr", "matrix_lr", "weight_decay", "warmup_ratio", "warmdown_ratio",
                                        "final_lr_frac", "data", "val_data"]),
-                      "seed": 42, "rope_base": 10000.0, "corpus": "fineweb", "packing": "stream", "fp8": False,
+                      "seed": 42, "rope_base": 10000.0, "corpus": "fineweb", "packing": "stream", "fp8": False, "batch_from_depth": False,
+                      "ratio_params": "total",
                       **dict.fromkeys(["value_embeddings", "layer_scalars", "smear", "backout"], False),
                       "window_pattern": "L", "qk_gain": 1.0, "vocab_multiple": 1, "init": "normal"}
 
@@ -131,12 +134,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides the two below)")
     parser.add_argument("--target-flops", type=float, default=-1, help="training FLOPs budget (overrides the ratio)")
     parser.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per parameter (Chinchilla)")
+    parser.add_argument("--ratio-params", choices=RATIO_PARAMS, default="total",
+                        help="the parameters the ratio counts: all, or the hidden matrices and LM head (the 2026 "
+                             "recipe: ~8 tokens per such parameter)")
     # the batch
     parser.add_argument("--device-batch-size", type=int, default=None,
                         help="sequences per process per micro-step (default: 32 on CUDA, 4 else)")
     parser.add_argument("--total-batch-size", type=int, default=None,
                         help="tokens per optimizer step (default: 524288 on CUDA, 8 micro-steps of every process "
                              "else)")
+    parser.add_argument("--batch-from-depth", action="store_true",
+                        help="size the batch from the token budget, 2^19 tokens at depth 12 x (tokens / depth 12's "
+                             "tokens)^0.383, learning rates x sqrt(batch / 2^19) (public scaling results, unmeasured "
+                             "here; needs the ratio budget)")
     # the optimizers and their schedule
     add_optimizer_arguments(parser)
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the lr up")
@@ -183,6 +193,10 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.num_iterations == -1 and args.target_flops <= 0 and args.target_param_data_ratio <= 0:
         parser.error("no token budget: give --num-iterations, --target-flops or a positive --target-param-data-ratio")
     check_every_flags(parser, args, "eval_every", "sample_every", "save_every", "core_metric_every")
+    if args.batch_from_depth and (args.total_batch_size is not None or args.num_iterations > 0
+                                  or args.target_flops > 0):
+        parser.error("--batch-from-depth sizes the batch from --target-param-data-ratio: drop --total-batch-size, "
+                     "--num-iterations and --target-flops")
     if args.val_data is not None and args.data is None:
         parser.error("--val-data needs --data: the FineWeb shards bring their own validation shard")
     if args.data is not None and args.corpus != DEFAULT_CORPUS:
@@ -229,15 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def training_steps(args: argparse.Namespace, counts: dict[str, int], flops_per_token: float) -> int:
-    """The token budget as optimizer steps, by precedence: --num-iterations, --target-flops, the Chinchilla ratio."""
-    if args.num_iterations > 0:
-        return args.num_iterations
-    if args.target_flops > 0:
-        return max(1, round(args.target_flops / (flops_per_token * args.total_batch_size)))
-    return max(1, round(args.target_param_data_ratio * counts["total"] / args.total_batch_size))
-
-
 def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: int):
     """(model, resumed or None): the last checkpoint of this tag when resuming, else a fresh model (an earlier run
     of the tag set aside)."""
@@ -251,11 +256,16 @@ def load_or_resume(args: argparse.Namespace, dist_info, directory, vocab_size: i
         set_aside_previous_run(directory, dist_info.master)
     if resumed is not None:
         return resumed.model, resumed
-    config = replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len), rope_base=args.rope_base,
-                     value_embeddings=args.value_embeddings, layer_scalars=args.layer_scalars, smear=args.smear,
-                     backout=args.backout, window_pattern=args.window_pattern, qk_gain=args.qk_gain,
-                     vocab_multiple=args.vocab_multiple)
+    config = model_config(args, vocab_size)
     return build_model({"model_config": asdict(config)}, dist_info.device, "train", init_scheme=args.init), None
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
+    """The model the flags describe."""
+    return replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len), rope_base=args.rope_base,
+                   value_embeddings=args.value_embeddings, layer_scalars=args.layer_scalars, smear=args.smear,
+                   backout=args.backout, window_pattern=args.window_pattern, qk_gain=args.qk_gain,
+                   vocab_multiple=args.vocab_multiple)
 
 
 def train(args: argparse.Namespace, dist_info) -> None:
@@ -265,7 +275,14 @@ def train(args: argparse.Namespace, dist_info) -> None:
     compute_dtype = get_compute_dtype(device_type)
     autocast = autocast_context(device_type)
 
+    tokenizer = get_tokenizer()
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
+    if args.batch_from_depth:  # before any resume check: a resumed run computes the same batch
+        args.total_batch_size, args.batch_lr_scale = batch_from_depth(
+            model_config(args, tokenizer.get_vocab_size()), args.target_param_data_ratio, args.ratio_params,
+            tokens_per_micro_step)
+        print0(f"batch from depth: {args.total_batch_size:,} tokens a step (depth {BATCH_REFERENCE_DEPTH} at the "
+               f"same ratio: {BATCH_REFERENCE_TOKENS:,}), learning rates x {args.batch_lr_scale:.3f}")
     if args.total_batch_size % tokens_per_micro_step != 0:
         raise RunError(f"--total-batch-size={args.total_batch_size} must be a multiple of --device-batch-size x "
                        f"--max-seq-len x world size = {args.device_batch_size} x {args.max_seq_len} x {world_size} "
@@ -274,7 +291,6 @@ def train(args: argparse.Namespace, dist_info) -> None:
     core_bundle = fetch_core_bundle(master) if args.core_metric_every > 0 else None
     data_dir = prepare_data_dir(args, master)
 
-    tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
     directory = checkpoint_dir("base", args.model_tag)
     orig_model, resumed = load_or_resume(args, dist_info, directory, tokenizer.get_vocab_size())
