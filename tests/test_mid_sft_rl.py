@@ -5,12 +5,13 @@ masks are right; a missing or mismatched input checkpoint fails with a message t
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,11 @@ def use_dirs(monkeypatch, base_dir: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for the torchrun test's subprocesses
 
 
-def write_base_checkpoint(base_dir: Path, tokenizer: Tokenizer, seed: int = 0) -> None:
-    """What scripts.base_train leaves behind, from a tiny random GPT: the tokenizer and a base checkpoint."""
+def write_base_checkpoint(base_dir: Path, tokenizer: Tokenizer, seed: int = 0, **recipe) -> None:
+    """What scripts.base_train leaves behind, from a tiny random GPT: the tokenizer and a base checkpoint. `recipe`:
+    GPTConfig fields of the 2026-recipe changes to turn on."""
     tokenizer.save(base_dir / "tokenizer")
-    config = model_config_from_depth(2, tokenizer.get_vocab_size(), sequence_len=64)
+    config = replace(model_config_from_depth(2, tokenizer.get_vocab_size(), sequence_len=64), **recipe)
     torch.manual_seed(seed)
     model = GPT(config)
     model.init_weights()
@@ -114,6 +116,23 @@ def test_each_stage_saves_a_checkpoint_that_the_next_stage_loads(pipeline):
     assert read_meta(base_dir, "chatrl_checkpoints", 2)["source"] == {"stage": "sft", "tag": TAG, "step": 4}
     rl_meta = read_meta(base_dir, "chatrl_checkpoints", 2)
     assert rl_meta["tokenizer_fingerprint"] == Tokenizer.from_directory(base_dir / "tokenizer").fingerprint()
+
+
+# every 2026-recipe change on: a 16-position window on layer 0 (context 64), the vocabulary padded to a multiple of 64
+EVERY_RECIPE_CHANGE = {"value_embeddings": True, "layer_scalars": True, "smear": True, "backout": True,
+                       "window_pattern": "SL", "qk_gain": 1.2, "vocab_multiple": 64}
+
+
+def test_a_base_model_with_every_recipe_change_goes_through_mid_sft_and_rl(tiny_tokenizer, monkeypatch, tmp_path):
+    use_dirs(monkeypatch, tmp_path)
+    write_base_checkpoint(tmp_path, tiny_tokenizer, **EVERY_RECIPE_CHANGE)
+    mid_train.main(MID_ARGS)
+    chat_sft.main(SFT_ARGS)
+    rl = chat_rl.main(RL_ARGS)
+    for stage_dir, step in (("mid_checkpoints", 4), ("chatsft_checkpoints", 4), ("chatrl_checkpoints", 2)):
+        config = read_meta(tmp_path, stage_dir, step)["model_config"]
+        assert {name: config[name] for name in EVERY_RECIPE_CHANGE} == EVERY_RECIPE_CHANGE
+    assert all(math.isfinite(value) for value in rl.values() if isinstance(value, float))
 
 
 def test_midtraining_reports_its_mixture_the_tasks_left_out_and_the_packing_counts(pipeline):
