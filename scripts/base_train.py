@@ -275,11 +275,10 @@ def train(args: argparse.Namespace, dist_info) -> None:
     compute_dtype = get_compute_dtype(device_type)
     autocast = autocast_context(device_type)
 
-    tokenizer = get_tokenizer()
     tokens_per_micro_step = args.device_batch_size * args.max_seq_len * world_size
     if args.batch_from_depth:  # before any resume check: a resumed run computes the same batch
         args.total_batch_size, args.batch_lr_scale = batch_from_depth(
-            model_config(args, tokenizer.get_vocab_size()), args.target_param_data_ratio, args.ratio_params,
+            model_config(args, get_tokenizer().get_vocab_size()), args.target_param_data_ratio, args.ratio_params,
             tokens_per_micro_step)
         print0(f"batch from depth: {args.total_batch_size:,} tokens a step (depth {BATCH_REFERENCE_DEPTH} at the "
                f"same ratio: {BATCH_REFERENCE_TOKENS:,}), learning rates x {args.batch_lr_scale:.3f}")
@@ -291,6 +290,7 @@ def train(args: argparse.Namespace, dist_info) -> None:
     core_bundle = fetch_core_bundle(master) if args.core_metric_every > 0 else None
     data_dir = prepare_data_dir(args, master)
 
+    tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device)
     directory = checkpoint_dir("base", args.model_tag)
     orig_model, resumed = load_or_resume(args, dist_info, directory, tokenizer.get_vocab_size())
