@@ -23,17 +23,19 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, reduction: str,
                 chunk_rows: int = 256):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # a frozen head (LoRA finetuning) needs no weight gradient: its (vocab, n_embd) sum is skipped, not discarded
+        needs_x_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_grad = needs_x_grad or needs_weight_grad
         valid = targets != -1
         safe_targets = targets.clamp(min=0)[:, None]
         divisor = valid.sum().clamp(min=1) if reduction == "mean" else torch.ones((), dtype=torch.long)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if needs_grad else None
+        grad_x = torch.empty_like(x) if needs_x_grad else None
         # on the oneDNN path the head's gradient is summed transposed, (n_embd, vocab): oneDNN copies a transposed left
         # operand, and grad_logits.T (vocab, chunk) is a far bigger copy than xc.T (n_embd, chunk)
         onednn = onednn_ready(x, weight)
         grad_weight = None
-        if needs_grad:
+        if needs_weight_grad:
             grad_weight = weight.new_zeros(weight.T.shape) if onednn else torch.zeros_like(weight)
         for start in range(0, x.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -47,20 +49,25 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
                 continue
             probs.div_(sum_exp).scatter_add_(1, safe_targets[rows], -torch.ones_like(target_logit))
             grad_logits = probs.mul_(t.square_().neg_().add_(1)).mul_(row_valid).to(x.dtype)
-            grad_x[rows] = matmul(grad_logits, weight)
+            if needs_x_grad:
+                grad_x[rows] = matmul(grad_logits, weight)
+            if not needs_weight_grad:
+                continue
             if onednn:
                 grad_weight += matmul(xc.T, grad_logits)
             else:
                 grad_weight.addmm_(grad_logits.T.to(weight.dtype), xc.to(weight.dtype))  # autocast makes them bf16
         if needs_grad:
-            grad_weight = grad_weight.T.contiguous() if onednn else grad_weight
-            ctx.save_for_backward(grad_x.div_(divisor), grad_weight.div_(divisor))
+            if needs_weight_grad:
+                grad_weight = (grad_weight.T.contiguous() if onednn else grad_weight).div_(divisor)
+            ctx.save_for_backward(grad_x.div_(divisor) if needs_x_grad else None, grad_weight)
         return loss / divisor
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None, None
+        return (None if grad_x is None else grad_x * grad_loss, None if grad_weight is None else grad_weight * grad_loss,
+                None, None, None, None)
 
 
 def softcapped_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,

@@ -105,6 +105,22 @@ def test_fused_loss_head_matches_the_plain_expression(reduction, chunk_rows, mat
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_the_same_one(matmul_path):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 32, generator=gen, requires_grad=True)
+    weight = 0.5 * torch.randn(301, 32, generator=gen)
+    targets = torch.randint(0, 301, (300,), generator=gen)
+    (frozen,) = torch.autograd.grad(softcapped_cross_entropy(x, weight, targets, 15.0, "mean", 128), (x,))
+    trained = softcapped_cross_entropy(x, weight.clone().requires_grad_(), targets, 15.0, "mean", 128)
+    torch.testing.assert_close(frozen, torch.autograd.grad(trained, (x,))[0])
+    fixed_x = x.detach().requires_grad_(False)
+    head = weight.clone().requires_grad_()
+    softcapped_cross_entropy(fixed_x, head, targets, 15.0, "sum", 128).backward()  # the head alone
+    plain_head = weight.clone().requires_grad_()
+    F.cross_entropy(15 * torch.tanh(fixed_x @ plain_head.T / 15), targets, reduction="sum").backward()
+    torch.testing.assert_close(head.grad, plain_head.grad, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(params=["plain", "onednn"])
 def matmul_path(request, monkeypatch):
     """Runs a test on both fp32 CPU matmul paths, whichever one this CPU's timing picked (oneDNN where torch has it)."""
