@@ -92,7 +92,6 @@ def newton_schulz_coefficients(name: str, steps: int) -> tuple[tuple[float, floa
     raise ValueError(f"unknown Newton-Schulz coefficients {name!r}: use one of {NS_COEFFICIENTS}")
 
 
-
 # -----------------------------------------------------------------------------
 # Newton-Schulz orthogonalization
 
