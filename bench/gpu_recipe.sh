@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The 2026 pretraining recipe on a GPU, in one command for a machine lent for a few minutes (issue 15's GPU part):
+#   1. throughput at depth 24, the public record's depth: a few compiled base_train steps in bf16, then with --fp8:
+#      tok/s, MFU and peak memory of each, and fp8's speedup;
+#   2. a race at depth 12 on the same data and token budget: the October-2025 defaults against the 2026 pieces
+#      together (RECIPE_2026 below): val bpb and training time of each, and the difference.
+# Each part prints one line of figures and PASS/FAIL into OUT/summary.txt, its full output into OUT/<part>.log; a
+# failing part does not stop the other. About 8 minutes on an H200 (most of it compiling).
+#
+#   NANOCHAT_DATA_DIR=shared/data bash bench/gpu_recipe.sh OUT                    # on the GPU machine
+#   NANOCHAT_DATA_DIR=../shared/data bash bench/gpu_recipe.sh --cpu-dry-run OUT   # the same parts at toy sizes, CPU
+#
+# The race reads the pretraining mirror ($NANOCHAT_DATA_DIR/fineweb, ~3M tokens): at depth 12 it repeats the mirror
+# several times, so its bpb compares the two recipes on one small corpus, not at FineWeb scale.
+set -uo pipefail  # no -e: one failing part must not hide the other's numbers
+
+DRY_RUN=0
+if [ "${1:-}" = "--cpu-dry-run" ]; then DRY_RUN=1; shift; fi
+[ $# -eq 1 ] || { echo "usage: bash bench/gpu_recipe.sh [--cpu-dry-run] OUT_DIR" >&2; exit 2; }
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+PY=${NANOCHAT_PYTHON:-$REPO/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export PYTHONUNBUFFERED=1 NANOCHAT_BASE_DIR="$OUT/base"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+RECIPE_2026=(--value-embeddings --layer-scalars --smear --backout --window-pattern SSSL --rope-base 100000
+             --muon-ns polar_express --normuon --momentum-warmdown --warmdown-ratio 0.65 --final-lr-frac 0.05)
+COMMON=(--eval-every -1 --core-metric-every -1 --sample-every -1 --save-every -1)
+if [ "$DRY_RUN" = 1 ]; then
+    export CUDA_VISIBLE_DEVICES=""  # the CPU path, even on a GPU machine
+    SPEED_FLAGS=(--depth 2 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128 --num-iterations 3
+                 --eval-tokens 256)
+    RACE_FLAGS=(--depth 2 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128 --num-iterations 6
+                --eval-tokens 1024)
+    SPEED_DEPTH=2; RACE_DEPTH=2; VOCAB=512
+else
+    SPEED_FLAGS=(--depth 24 --device-batch-size 16 --num-iterations 10 --eval-tokens 524288)
+    RACE_FLAGS=(--depth 12 --device-batch-size 32 --total-batch-size 262144 --num-iterations 150
+                --eval-tokens 2097152)
+    SPEED_DEPTH=24; RACE_DEPTH=12; VOCAB=32768  # what the mirror's ~12M characters can train
+fi
+
+record() { echo "$1: $2 | $3" | tee -a "$SUMMARY"; }
+machine=$("$PY" -c "from nanochat.kernels import describe_machine; import torch
+print(describe_machine('cuda' if torch.cuda.is_available() else 'cpu'))" 2>&1 | tail -1)
+[ "$DRY_RUN" = 1 ] && machine="$machine (CPU dry run at toy sizes)"
+echo "$machine" | tee -a "$SUMMARY"
+
+# the figures of a base_train log: its last step line's tok/s and MFU, the peak memory, the final val bpb
+tok_per_s() { grep -o 'tok/s [0-9,]*' "$1" | tail -1 | tr -dc '0-9'; }
+step_figures() { grep '^step .*tok/s' "$1" | tail -1 | sed 's/ | eta.*//; s/^step [0-9/]* | //'; }
+peak() { grep -o 'peak memory [^|]*' "$1" | tail -1; }
+val_bpb() { grep -o 'val bpb [0-9.]*' "$1" | tail -1 | tr -dc '0-9.'; }
+train_seconds() { grep -o 'training time [0-9.]* *[a-z]*' "$1" | tail -1; }
+
+# 0. a tokenizer on the mirror (both parts need one)
+if ! "$PY" -m scripts.tok_train --vocab-size "$VOCAB" --max-chars 20000000 > "$OUT/tok_train.log" 2>&1; then
+    record tok_train FAIL "$(tail -1 "$OUT/tok_train.log")"
+    exit 1
+fi
+
+# 1. throughput in bf16 and fp8 (fp8 needs compute capability 8.9+; elsewhere it is refused and recorded as FAIL)
+for precision in bf16 fp8; do
+    extra=(); [ "$precision" = fp8 ] && extra=(--fp8)
+    log="$OUT/speed_$precision.log"
+    if "$PY" -m scripts.base_train "${SPEED_FLAGS[@]}" "${COMMON[@]}" "${extra[@]}" --model-tag "speed-$precision" \
+        > "$log" 2>&1; then
+        layers=$(grep -m1 '^fp8:' "$log")
+        record "speed_$precision" PASS "depth $SPEED_DEPTH${layers:+ ($layers)}: $(step_figures "$log"); $(peak "$log")"
+    else
+        record "speed_$precision" FAIL "depth $SPEED_DEPTH: $(tail -1 "$log")"
+    fi
+done
+bf16=$(tok_per_s "$OUT/speed_bf16.log"); fp8=$(tok_per_s "$OUT/speed_fp8.log")
+if [ -n "$bf16" ] && [ -n "$fp8" ]; then
+    record speed_ratio PASS "fp8 / bf16 tok/s = $("$PY" -c "print(f'{$fp8 / $bf16:.3f}')")"
+fi
+
+# 2. the race: the same steps and tokens, the defaults against the 2026 pieces
+for recipe in old new; do
+    extra=(); [ "$recipe" = new ] && extra=("${RECIPE_2026[@]}")
+    log="$OUT/race_$recipe.log"
+    if "$PY" -m scripts.base_train "${RACE_FLAGS[@]}" "${COMMON[@]}" "${extra[@]}" --model-tag "race-$recipe" \
+        > "$log" 2>&1; then
+        record "race_$recipe" PASS "depth $RACE_DEPTH: val bpb $(val_bpb "$log"), $(train_seconds "$log"); $(step_figures "$log")"
+    else
+        record "race_$recipe" FAIL "depth $RACE_DEPTH: $(tail -1 "$log")"
+    fi
+done
+old=$(val_bpb "$OUT/race_old.log"); new=$(val_bpb "$OUT/race_new.log")
+if [ -n "$old" ] && [ -n "$new" ]; then
+    record race_difference PASS "new - old val bpb = $("$PY" -c "print(f'{$new - $old:+.4f}')")"
+fi
+
+! grep -q ': FAIL |' "$SUMMARY"
