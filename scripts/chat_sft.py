@@ -35,6 +35,7 @@ from nanochat.common import autocast_context, compute_cleanup, compute_init, get
 from nanochat.gpt import peak_flops
 from nanochat.loss_scaling import LossScaler
 from nanochat.training import (
+    OPTIMIZER_VARIANT_FLAGS,
     RunError,
     StepTimer,
     add_optimizer_arguments,
@@ -119,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_run_arguments(parser, args)
     check_conversation_arguments(parser, args)
     lora.check_lora_arguments(parser, args)
+    variants = [flag for flag, off in OPTIMIZER_VARIANT_FLAGS.items() if getattr(args, flag, off) != off]
+    if args.lora_rank is not None and variants:  # the adapters train with plain AdamW: the flag would do nothing
+        parser.error(f"--{variants[0].replace('_', '-')} is an option of the full model's optimizers; LoRA trains "
+                     "its adapters with AdamW (--lora-lr): drop it, or leave out --lora-rank")
     return args
 
 

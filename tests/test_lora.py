@@ -269,6 +269,8 @@ def test_a_missing_base_checkpoint_is_refused(in_run_dir):
     (["--lora-rank=8", "--lora-alpha=0"], "--lora-alpha must be > 0"),
     (["--lora-targets=attn"], "--lora-targets needs --lora-rank"),
     (["--merge", "--lora-rank=8"], "--merge folds an existing LoRA checkpoint"),
+    (["--lora-rank=8", "--normuon"], "--normuon is an option of the full model's optimizers"),
+    (["--lora-rank=8", "--muon-ns=polar_express"], "--muon-ns is an option of the full model's optimizers"),
 ])
 def test_bad_lora_flags_are_clear_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
