@@ -270,7 +270,16 @@ def test_two_gloo_ranks_match_one_process_with_gradient_accumulation(tmp_path, m
             params = torch.load(tmp_path / f"{variant}_rank{rank}.pt")
             for name, value in expected[options].items():
                 assert not torch.equal(value, initial[name]), f"{name} was not trained"
-                torch.testing.assert_close(params[name], value, atol=2e-5, rtol=1e-4, msg=f"{variant} {name}")
+                if variant != "variants":
+                    torch.testing.assert_close(params[name], value, atol=2e-5, rtol=1e-4, msg=f"{variant} {name}")
+                    continue
+                # cautious weight decay is a sign test: where an update entry is ~0, the last-bit difference between
+                # averaging across ranks and accumulating in one process can flip it, moving that weight by
+                # lr * wd * |w| (~2e-4 here). So: nearly every entry to the bit's tolerance, every entry to 1e-3 (a
+                # broken distributed variant is off by O(lr) = 1e-2)
+                off = (params[name] - value).abs() > 2e-5 + 1e-4 * value.abs()
+                assert off.float().mean() < 0.01, f"{variant} {name}: {off.float().mean():.2%} of entries differ"
+                torch.testing.assert_close(params[name], value, atol=1e-3, rtol=0, msg=f"{variant} {name}")
     assert not torch.equal(expected["variants"]["transformer.h.0.attn.c_q.weight"],
                            expected["default"]["transformer.h.0.attn.c_q.weight"])
 
