@@ -5,7 +5,8 @@
 #   2. a race at depth 12 on the same data and token budget: the October-2025 defaults against the 2026 pieces
 #      together (RECIPE_2026 below): val bpb and training time of each, and the difference.
 # Each part prints one line of figures and PASS/FAIL into OUT/summary.txt, its full output into OUT/<part>.log; a
-# failing part does not stop the other. About 8 minutes on an H200 (most of it compiling).
+# failing part does not stop the other. Estimated at about 8 minutes on an H200, most of it compiling (not yet run
+# on one).
 #
 #   NANOCHAT_DATA_DIR=shared/data bash bench/gpu_recipe.sh OUT                    # on the GPU machine
 #   NANOCHAT_DATA_DIR=../shared/data bash bench/gpu_recipe.sh --cpu-dry-run OUT   # the same parts at toy sizes, CPU
