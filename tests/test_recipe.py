@@ -63,8 +63,8 @@ def test_the_seeds_of_one_configuration_differ(comparison):
 
 
 def test_a_repeated_seed_reproduces_its_bpb(comparison, tmp_path):
-    again = run_bpbs(run_recipe(tmp_path, "--seeds=1", "--configs=baseline"))
-    assert again == {("baseline", 42): run_bpbs(comparison)[("baseline", 42)]}
+    again = run_bpbs(run_recipe(tmp_path, "--first-seed=43", "--seeds=1", "--configs=baseline"))
+    assert again == {("baseline", 43): run_bpbs(comparison)[("baseline", 43)]}
 
 
 def test_unknown_configuration_is_refused_with_the_known_ones(tmp_path):
