@@ -2,14 +2,16 @@
 of the 2026 recipe: the value-embedding gate, sliding-window layers, a sharper query/key scale (nanochat/gpt.py
 assembles the model from these).
 
-Sliding windows go through SDPA with a boolean mask, on every device: correct and tested on CPU, but on a GPU a mask
-costs SDPA its flash kernel, so windows there are slower than full attention until they go through flex_attention
-(whose backward does not run on CPU, so it could not be tested here; unmeasured on a GPU).
+Sliding windows over a whole training chunk go through flex_attention on CUDA, with a block mask that skips the
+blocks a window cannot reach (a boolean SDPA mask would cost SDPA its flash kernel); everywhere else (CPU, MPS, and
+the KV-cache's decode shapes) through SDPA with a boolean mask. flex_attention's backward does not run on CPU, so its
+path is tested here forward-only against the SDPA one; its speed on a GPU is unmeasured.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanochat.kernels import Linear
+
+try:  # torch >= 2.5; without it windows use SDPA masks on every device
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch build
+    flex_attention = None
 
 if TYPE_CHECKING:
     from nanochat.gpt import GPTConfig
@@ -48,6 +55,20 @@ def visible_keys(query_positions: torch.Tensor, key_len: int, window: int | None
     offset = query_positions[..., :, None] - key_positions  # how far back each key is
     mask = offset >= 0
     return mask if window is None else mask & (offset < window)
+
+
+def flex_windows(device: torch.device) -> bool:
+    """Whether windowed layers train through flex_attention on this device: CUDA only (no CPU backward)."""
+    return flex_attention is not None and device.type == "cuda"
+
+
+@functools.lru_cache(maxsize=16)
+def window_block_mask(seq_len: int, window: int, device: torch.device):
+    """flex_attention's block mask for causal attention within a window, one per (length, window, device): building
+    it evaluates the mask at every position, so it is built once, not every step."""
+    def within_window(batch, head, query, key):
+        return (query >= key) & (query - key < window)
+    return create_block_mask(within_window, None, None, seq_len, seq_len, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -133,6 +154,9 @@ class CausalSelfAttention(nn.Module):
         T = q.size(-2)
         if self.window is None or self.window >= T:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.scale)
+        if flex_windows(q.device):
+            block_mask = window_block_mask(T, self.window, q.device)
+            return flex_attention(q, k, v, block_mask=block_mask, scale=self.scale, enable_gqa=gqa)
         mask = visible_keys(torch.arange(T, device=q.device), T, self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.scale)
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from nanochat import attention
 from nanochat.attention import apply_rotary, attention_window
 from nanochat.batching import SamplingParams, Scheduler
 from nanochat.checkpoint import build_model
@@ -430,8 +431,17 @@ def reference_attention(block, x: torch.Tensor, cos, sin, window: int | None, ga
     return attn.c_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+@pytest.mark.parametrize("through_flex", [False, True], ids=["sdpa_masks", "flex_attention"])
 @pytest.mark.parametrize("window_pattern, qk_gain", [("SSL", 1.0), ("L", 1.3), ("SSL", 0.7)])
-def test_attention_matches_a_softmax_over_the_window_written_out(window_pattern, qk_gain):
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_attention_matches_a_softmax_over_the_window_written_out(window_pattern, qk_gain, through_flex, monkeypatch):
+    """Both window paths: SDPA masks (CPU, MPS) and flex_attention's block mask (CUDA training; forward only here,
+    its backward has no CPU kernel), GQA included."""
+    flex_calls = []
+    if through_flex:
+        monkeypatch.setattr(attention, "flex_windows", lambda device: True)
+        flex = attention.flex_attention
+        monkeypatch.setattr(attention, "flex_attention", lambda *a, **kw: flex_calls.append(1) or flex(*a, **kw))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=301, **SHAPE, window_pattern=window_pattern, qk_gain=qk_gain))
     model.init_weights()
@@ -446,6 +456,7 @@ def test_attention_matches_a_softmax_over_the_window_written_out(window_pattern,
             got = block.attn(x, None, cos, sin, None, None, T, None)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert window_pattern == "L" or attention_window(model.config, 0) == 16 < T  # the window really cut
+    assert len(flex_calls) == (2 if through_flex and window_pattern == "SSL" else 0)  # the two windowed layers
 
 
 def test_a_window_hides_tokens_further_back_than_its_reach():
