@@ -71,17 +71,6 @@ class GPTConfig:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
-# The GPTConfig fields of the 2026-recipe changes and their off values: runc/run.c and transformers' NanoChat
-# implement the model with all of them off.
-RECIPE_FIELDS = {"value_embeddings": False, "layer_scalars": False, "smear": False, "backout": False,
-                 "window_pattern": "L", "qk_gain": 1.0, "vocab_multiple": 1}
-
-
-def recipe_changes_on(config: GPTConfig) -> list[str]:
-    """The 2026-recipe fields of config that are not at their off value, as name=value."""
-    return [f"{name}={getattr(config, name)!r}" for name, off in RECIPE_FIELDS.items() if getattr(config, name) != off]
-
-
 INIT_SCHEMES = ("normal", "uniform")  # GPT.init_weights
 EMBEDDING_STD_UNIFORM = 0.5
 # AdamW's lr for the gates and scalars, not width-scaled (each one's effect does not grow with the width): it moves a

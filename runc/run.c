@@ -7,7 +7,8 @@
  * DIR holds model.bin and tokenizer.bin, whose formats are described in one place: the docstring of
  * nanochat/export_c.py. What this file computes is what the Python side computes:
  *   - the forward pass of nanochat/gpt.py, op for op, in fp32, or with int8 weights (the activation vector is
- *     rounded to int8 groups too, so the dot products are int8 x int8 summed in int32),
+ *     rounded to int8 groups too, so the dot products are int8 x int8 summed in int32), with the 2026 recipe's
+ *     changes a model was trained with (value embeddings, layer scalars, smear, backout, windows, QK gain),
  *   - tiktoken's encoding given our merge ranks and split pattern (nanochat/tokenizer.py SPLIT_PATTERN, written out
  *     by hand below), and the Engine's streaming UTF-8 decoding (nanochat/engine.py TextStream),
  *   - the chat format of Tokenizer.render_for_completion, and scripts/chat_cli.py's printing of a reply.
@@ -33,7 +34,13 @@
 #include <omp.h>
 #endif
 
-#define FORMAT_VERSION 1
+#define MODEL_FORMAT_VERSION 2 /* version 1 files (no recipe change, no window tensor) are read too */
+#define TOKENIZER_FORMAT_VERSION 1
+/* header offset 100: the 2026-recipe changes on */
+#define VALUE_EMBEDDINGS 1u
+#define LAYER_SCALARS 2u
+#define SMEAR 4u
+#define BACKOUT 8u
 #define MODEL_HEADER_BYTES 256
 #define TOKENIZER_HEADER_BYTES 64
 #define GROUP 64 /* the int8 group size this runner computes with (nanochat/quantize.py GROUP_SIZE) */
@@ -114,6 +121,9 @@ typedef struct {
     int n_layer, n_head, n_kv_head, n_embd, vocab_size, seq_len, rotary_len, hidden, group_size;
     int head_dim, kv_dim;
     float rope_base, softcap, eps;
+    uint32_t version, features; /* features: the recipe bits above */
+    int gate_channels;
+    float qk_gain;
     char tokenizer_fingerprint[17];
     uint32_t tokenizer_vocab;
     uint64_t file_bytes;
@@ -129,14 +139,20 @@ typedef struct {
 
 typedef struct {
     Matrix c_q, c_k, c_v, attn_proj, c_fc, mlp_proj;
+    const float *value_embedding; /* vocab_size x kv_dim, or NULL: a layer without one */
+    const float *ve_gate;         /* n_kv_head x gate_channels, with value_embedding */
+    int window;                   /* positions its queries see, their own included; 0: all of them */
 } Layer;
 
 typedef struct {
     Config c;
     const float *inv_freq; /* head_dim / 2 */
+    const uint32_t *windows; /* n_layer (version 2), or NULL */
     const float *wte;      /* vocab_size x n_embd */
     Layer *layers;
     Matrix lm_head;
+    /* the recipe's scalars, NULL when their change is off */
+    const float *resid_lambdas, *x0_lambdas, *smear_gate, *smear_lambda, *backout_lambda;
     void *map;
     size_t map_bytes;
 } Model;
@@ -166,23 +182,46 @@ static Matrix take_matrix(Cursor *cursor, int rows, int cols, int group_size) {
     return m;
 }
 
+/* gpt.py has_value_embedding: the last layer and every other one before it. */
+static int has_value_embedding(const Config *c, int layer) {
+    return (c->features & VALUE_EMBEDDINGS) && (c->n_layer - 1 - layer) % 2 == 0;
+}
+
+static const float *take_f32(Cursor *cursor, uint64_t count, uint32_t feature, const Config *c) {
+    return (c->features & feature) ? take(cursor, count * 4) : NULL;
+}
+
 static uint64_t layout(Model *m, const uint8_t *base) {
     const Config *c = &m->c;
     Cursor cursor = {base, MODEL_HEADER_BYTES};
     int g = c->group_size;
+    Layer scratch; /* where a sizing pass (no layers yet) writes */
     m->inv_freq = take(&cursor, (uint64_t)c->head_dim / 2 * 4);
+    m->windows = c->version >= 2 ? take(&cursor, (uint64_t)c->n_layer * 4) : NULL;
     m->wte = take(&cursor, (uint64_t)c->vocab_size * (uint64_t)c->n_embd * 4);
     for (int l = 0; l < c->n_layer; l++) {
-        Layer layer;
-        layer.c_q = take_matrix(&cursor, c->n_head * c->head_dim, c->n_embd, g);
-        layer.c_k = take_matrix(&cursor, c->kv_dim, c->n_embd, g);
-        layer.c_v = take_matrix(&cursor, c->kv_dim, c->n_embd, g);
-        layer.attn_proj = take_matrix(&cursor, c->n_embd, c->n_embd, g);
-        layer.c_fc = take_matrix(&cursor, c->hidden, c->n_embd, g);
-        layer.mlp_proj = take_matrix(&cursor, c->n_embd, c->hidden, g);
-        if (m->layers) m->layers[l] = layer;
+        Layer *layer = m->layers ? &m->layers[l] : &scratch;
+        memset(layer, 0, sizeof *layer);
+        if (has_value_embedding(c, l))
+            layer->value_embedding = take(&cursor, (uint64_t)c->vocab_size * (uint64_t)c->kv_dim * 4);
+    }
+    for (int l = 0; l < c->n_layer; l++) {
+        Layer *layer = m->layers ? &m->layers[l] : &scratch;
+        layer->c_q = take_matrix(&cursor, c->n_head * c->head_dim, c->n_embd, g);
+        layer->c_k = take_matrix(&cursor, c->kv_dim, c->n_embd, g);
+        layer->c_v = take_matrix(&cursor, c->kv_dim, c->n_embd, g);
+        layer->attn_proj = take_matrix(&cursor, c->n_embd, c->n_embd, g);
+        layer->c_fc = take_matrix(&cursor, c->hidden, c->n_embd, g);
+        layer->mlp_proj = take_matrix(&cursor, c->n_embd, c->hidden, g);
+        if (has_value_embedding(c, l))
+            layer->ve_gate = take(&cursor, (uint64_t)c->n_kv_head * (uint64_t)c->gate_channels * 4);
     }
     m->lm_head = take_matrix(&cursor, c->vocab_size, c->n_embd, g);
+    m->resid_lambdas = take_f32(&cursor, (uint64_t)c->n_layer, LAYER_SCALARS, c);
+    m->x0_lambdas = take_f32(&cursor, (uint64_t)c->n_layer, LAYER_SCALARS, c);
+    m->smear_gate = take_f32(&cursor, (uint64_t)c->gate_channels, SMEAR, c);
+    m->smear_lambda = take_f32(&cursor, 1, SMEAR, c);
+    m->backout_lambda = take_f32(&cursor, 1, BACKOUT, c);
     return cursor.offset;
 }
 
@@ -197,11 +236,16 @@ static void parse_model_header(Config *c, const uint8_t *h, const char *path) {
         die("%s is not a nanochat model.bin (wrong magic): export one with python -m scripts.export --format c",
             path);
     uint32_t version = read_u32(h + 8);
-    if (version != FORMAT_VERSION)
-        die("%s has format version %u, this runner reads version %d: re-export it, or rebuild runc/run from the "
-            "same checkout as the exporter", path, version, FORMAT_VERSION);
-    if (read_u32(h + 12) != MODEL_HEADER_BYTES || crc32_of(h, 96) != read_u32(h + 96))
+    if (version < 1 || version > MODEL_FORMAT_VERSION)
+        die("%s has format version %u, this runner reads versions 1 to %d: re-export it, or rebuild runc/run from "
+            "the same checkout as the exporter", path, version, MODEL_FORMAT_VERSION);
+    if (read_u32(h + 12) != MODEL_HEADER_BYTES || crc32_of(h, 96) != read_u32(h + 96) ||
+        (version >= 2 && crc32_of(h + 100, 152) != read_u32(h + 252)))
         die("%s has a corrupt header (checksum mismatch): re-export it", path);
+    c->version = version;
+    c->features = version >= 2 ? read_u32(h + 100) : 0;
+    c->gate_channels = version >= 2 ? (int)read_u32(h + 104) : 0;
+    c->qk_gain = version >= 2 ? read_f32(h + 108) : 1.0f;
     int *fields[9] = {&c->n_layer, &c->n_head, &c->n_kv_head, &c->n_embd, &c->vocab_size,
                       &c->seq_len, &c->rotary_len, &c->hidden, &c->group_size};
     for (int i = 0; i < 9; i++) *fields[i] = (int)read_u32(h + 16 + 4 * i);
@@ -232,6 +276,12 @@ static void parse_model_header(Config *c, const uint8_t *h, const char *path) {
             c->hidden);
     if (!(c->softcap > 0.0f && c->softcap < 1e6f) || !(c->eps >= 0.0f && c->eps < 1.0f))
         die("%s is corrupt: softcap %g, norm eps %g", path, c->softcap, c->eps);
+    if (c->features & ~(VALUE_EMBEDDINGS | LAYER_SCALARS | SMEAR | BACKOUT))
+        die("%s uses recipe changes 0x%x this runner does not know: rebuild runc/run from the same checkout as the "
+            "exporter", path, c->features);
+    if ((c->features & (VALUE_EMBEDDINGS | SMEAR)) && (c->gate_channels < 1 || c->gate_channels > c->n_embd))
+        die("%s is corrupt: gate_channels %d with n_embd %d", path, c->gate_channels, c->n_embd);
+    if (!(c->qk_gain > 0.0f && c->qk_gain < 1e3f)) die("%s is corrupt: qk_gain %g", path, c->qk_gain);
     c->head_dim = c->n_embd / c->n_head;
     c->kv_dim = c->n_kv_head * c->head_dim;
 }
@@ -264,6 +314,11 @@ static void load_model(Model *m, const char *path) {
     m->map_bytes = (size_t)size;
     m->layers = xmalloc(sizeof(Layer) * (size_t)m->c.n_layer);
     layout(m, m->map);
+    for (int l = 0; l < m->c.n_layer; l++) {
+        uint32_t window = m->windows ? m->windows[l] : 0;
+        check_range(path, "a layer's window", (long)window, 0, m->c.seq_len);
+        m->layers[l].window = (int)window;
+    }
 }
 
 /* ============================================================================================================
@@ -275,7 +330,9 @@ typedef struct {
     int16_t *xq;      /* the current matmul input rounded to int8 groups (int8 models only), held as int16 */
     float *xq_scales; /* one per group */
     float *k_cache, *v_cache; /* [layer][position][kv_dim]; keys after rotary and QK-norm, as gpt.py caches them */
-    int context;              /* positions the cache holds */
+    float *x0, *mid, *previous; /* the recipe's: the embedding (scalars), the mid-depth residual (backout), smear's */
+    int *tokens;                /* the token at each cached position: smear reads the one before */
+    int context;                /* positions the cache holds */
 } State;
 
 static void new_state(State *s, const Config *c, int context) {
@@ -298,6 +355,10 @@ static void new_state(State *s, const Config *c, int context) {
     size_t cache = (size_t)c->n_layer * (size_t)context * (size_t)c->kv_dim;
     s->k_cache = xmalloc(sizeof(float) * cache);
     s->v_cache = xmalloc(sizeof(float) * cache);
+    s->x0 = xmalloc(sizeof(float) * (size_t)c->n_embd);
+    s->mid = xmalloc(sizeof(float) * (size_t)c->n_embd);
+    s->previous = xmalloc(sizeof(float) * (size_t)c->n_embd);
+    s->tokens = xmalloc(sizeof(int) * (size_t)context);
 }
 
 /* F.rms_norm without weights: x / sqrt(mean(x^2) + eps). */
@@ -406,24 +467,25 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* Causal attention of the token at `pos` over the cached positions 0..pos for query heads [begin, end), SDPA's
- * default scale 1/sqrt(head_dim); query head h reads key/value head h / (n_head / n_kv_head) (GQA, as enable_gqa
- * repeats them). */
+/* Causal attention of the token at `pos` over the cached positions its layer's window reaches (first..pos) for
+ * query heads [begin, end), at scale qk_gain / sqrt(head_dim) (SDPA's default when the gain is 1); query head h
+ * reads key/value head h / (n_head / n_kv_head) (GQA, as enable_gqa repeats them). */
 static void attend(const Model *m, State *s, int layer, int pos, int begin, int end) {
     const Config *c = &m->c;
-    int hd = c->head_dim, group = c->n_head / c->n_kv_head;
-    size_t layer_offset = (size_t)layer * (size_t)s->context * (size_t)c->kv_dim;
+    int hd = c->head_dim, group = c->n_head / c->n_kv_head, window = m->layers[layer].window;
+    int first = window && pos >= window ? pos - window + 1 : 0, n = pos - first + 1;
+    size_t layer_offset = ((size_t)layer * (size_t)s->context + (size_t)first) * (size_t)c->kv_dim;
     const float *keys = s->k_cache + layer_offset, *values = s->v_cache + layer_offset;
-    float scale = 1.0f / sqrtf((float)hd);
+    float scale = c->qk_gain / sqrtf((float)hd);
     for (int h = begin; h < end; h++) {
         const float *q = s->q + h * hd;
         float *scores = s->scores + (size_t)h * s->context;
         size_t head_offset = (size_t)(h / group) * hd;
-        for (int t = 0; t <= pos; t++) scores[t] = dot_f32(q, keys + (size_t)t * c->kv_dim + head_offset, hd) * scale;
-        softmax(scores, pos + 1);
+        for (int t = 0; t < n; t++) scores[t] = dot_f32(q, keys + (size_t)t * c->kv_dim + head_offset, hd) * scale;
+        softmax(scores, n);
         float *out = s->att_out + h * hd;
         memset(out, 0, sizeof(float) * (size_t)hd);
-        for (int t = 0; t <= pos; t++) {
+        for (int t = 0; t < n; t++) {
             const float *v = values + (size_t)t * c->kv_dim + head_offset;
             for (int i = 0; i < hd; i++) out[i] += scores[t] * v[i];
         }
@@ -441,13 +503,44 @@ static void add(float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] += y[i];
 }
 
+static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* The normed token embedding: the start of the residual stream (gpt.py _embed). */
+static void embed(const Model *m, float *out, int token) {
+    int d = m->c.n_embd;
+    memcpy(out, m->wte + (size_t)token * d, sizeof(float) * (size_t)d);
+    rmsnorm(out, out, d, m->c.eps);
+}
+
+/* gpt.py _smear: x += smear_lambda * sigmoid(smear_gate . x[:gate_channels]) * (the previous token's embedding). */
+static void smear(const Model *m, State *s, int pos) {
+    if (pos == 0) return; /* a sequence's first token has no previous one */
+    const Config *c = &m->c;
+    embed(m, s->previous, s->tokens[pos - 1]);
+    float gate = m->smear_lambda[0] * sigmoid(dot_f32(s->x, m->smear_gate, c->gate_channels));
+    for (int i = 0; i < c->n_embd; i++) s->x[i] += gate * s->previous[i];
+}
+
+/* attention.py: v += 2 sigmoid(ve_gate[h] . x[:gate_channels]) * (the layer's value-embedding row), per kv head,
+ * where x is the normed input of the attention. */
+static void add_value_embedding(const Model *m, State *s, const Layer *w, int token) {
+    const Config *c = &m->c;
+    const float *row = w->value_embedding + (size_t)token * c->kv_dim;
+    for (int h = 0; h < c->n_kv_head; h++) {
+        float gate = 2.0f * sigmoid(dot_f32(s->xb, w->ve_gate + (size_t)h * c->gate_channels, c->gate_channels));
+        for (int i = 0; i < c->head_dim; i++) s->v[h * c->head_dim + i] += gate * row[h * c->head_dim + i];
+    }
+}
+
 /* One token through the model; returns the softcapped logits, or NULL when want_logits is 0 (a prefill token
  * whose logits nobody reads skips the LM head, most of a small model's work). */
 static float *forward(const Model *m, State *s, int token, int pos, int want_logits) {
     const Config *c = &m->c;
     int d = c->n_embd, hd = c->head_dim;
-    memcpy(s->x, m->wte + (size_t)token * d, sizeof(float) * (size_t)d);
-    rmsnorm(s->x, s->x, d, c->eps);
+    s->tokens[pos] = token;
+    embed(m, s->x, token);
+    if (m->smear_gate) smear(m, s, pos);
+    memcpy(s->x0, s->x, sizeof(float) * (size_t)d);
     for (int i = 0; i < hd / 2; i++) {
         float angle = (float)pos * m->inv_freq[i]; /* the f32 product, as torch.outer computes the table */
         s->rope_cos[i] = cosf(angle);
@@ -455,11 +548,15 @@ static float *forward(const Model *m, State *s, int token, int pos, int want_log
     }
     for (int l = 0; l < c->n_layer; l++) {
         const Layer *w = &m->layers[l];
+        if (l == c->n_layer / 2) memcpy(s->mid, s->x, sizeof(float) * (size_t)d); /* what backout subtracts */
+        if (m->resid_lambdas)
+            for (int i = 0; i < d; i++) s->x[i] = m->resid_lambdas[l] * s->x[i] + m->x0_lambdas[l] * s->x0[i];
         rmsnorm(s->xb, s->x, d, c->eps);
         prepare_input(m, s, s->xb, d);
         float *qkv[3] = {s->q, s->k, s->v};
         const Matrix *qkv_weights[3] = {&w->c_q, &w->c_k, &w->c_v};
         linears(qkv, qkv_weights, 3, s->xb, s);
+        if (w->value_embedding) add_value_embedding(m, s, w, token);
         for (int h = 0; h < c->n_head; h++) { /* rotary, then QK-norm */
             rotary(s->q + h * hd, s, hd / 2);
             rmsnorm(s->q + h * hd, s->q + h * hd, hd, c->eps);
@@ -488,6 +585,8 @@ static float *forward(const Model *m, State *s, int token, int pos, int want_log
         add(s->x, s->xb2, d);
     }
     if (!want_logits) return NULL;
+    if (m->backout_lambda)
+        for (int i = 0; i < d; i++) s->x[i] -= m->backout_lambda[0] * s->mid[i];
     rmsnorm(s->xb, s->x, d, c->eps);
     prepare_input(m, s, s->xb, d);
     linear(s->logits, &m->lm_head, s->xb, s);
@@ -579,9 +678,9 @@ static void load_tokenizer(Tokenizer *t, const char *path) {
     if (memcmp(h, "NCHATTOK", 8) != 0)
         die("%s is not a nanochat tokenizer.bin (wrong magic): export one with python -m scripts.export --format c",
             path);
-    if (read_u32(h + 8) != FORMAT_VERSION)
+    if (read_u32(h + 8) != TOKENIZER_FORMAT_VERSION)
         die("%s has format version %u, this runner reads version %d: re-export it", path, read_u32(h + 8),
-            FORMAT_VERSION);
+            TOKENIZER_FORMAT_VERSION);
     t->n_mergeable = read_u32(h + 12);
     t->n_special = read_u32(h + 16);
     t->vocab_size = read_u32(h + 20);

@@ -61,21 +61,50 @@ def trained_gpt(tiny_tokenizer, mirror_texts) -> GPT:
     """A depth-2 GPT with GQA (2 query heads share 1 key/value head) and a non-default rope base, trained for 30
     steps on the mirror's text: its logits are far from flat (loss 6.2 -> ~4.5), so agreement means something."""
     torch.manual_seed(0)
+    torch.manual_seed(0)
     config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
                        n_kv_head=1, n_embd=128, rope_base=5000.0)
-    model = GPT(config)
+    return train_briefly(GPT(config), tiny_tokenizer, mirror_texts)
+
+
+def train_briefly(model: GPT, tokenizer, mirror_texts, steps: int = 30) -> GPT:
+    torch.manual_seed(0)
     model.init_weights()
-    documents = tiny_tokenizer.encode([text[:2000] for text in mirror_texts[:100]], prepend="<|bos|>")
+    documents = tokenizer.encode([text[:2000] for text in mirror_texts[:100]], prepend="<|bos|>")
     stream = torch.tensor([token for document in documents for token in document])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(0)
-    for _ in range(30):
+    for _ in range(steps):
         starts = torch.randint(0, len(stream) - 65, (8,), generator=generator).tolist()
         batch = torch.stack([stream[start:start + 65] for start in starts])
         model(batch[:, :-1], targets=batch[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def recipe_gpt(tiny_tokenizer, mirror_texts) -> GPT:
+    """Depth 4 with every 2026-recipe change that reaches the runner: value embeddings (layers 1 and 3), layer
+    scalars, smear, backout, windows of 256 // 4 = 64 positions on layers 0 and 2 (SL repeats), QK gain and a
+    vocabulary padded from 512 to 576 rows; GQA and width 128 as above. Trained briefly so that the gates and
+    lambdas, zero at init, are not."""
+    config = GPTConfig(sequence_len=256, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=4, n_head=2,
+                       n_kv_head=1, n_embd=128, value_embeddings=True, layer_scalars=True, smear=True, backout=True,
+                       window_pattern="SL", qk_gain=1.3, vocab_multiple=96)
+    model = train_briefly(GPT(config), tiny_tokenizer, mirror_texts)
+    assert model.smear_lambda.item() != 0 and model.backout_lambda.item() != 0
+    assert model.transformer.wte.weight.size(0) > tiny_tokenizer.get_vocab_size()  # padded
+    return model
+
+
+@pytest.fixture(scope="module")
+def recipe_exports(recipe_gpt, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    directories = {}
+    for quantization in ("none", "int8"):
+        directories[quantization] = tmp_path_factory.mktemp(f"recipe-export-{quantization}")
+        export_c(recipe_gpt, tiny_tokenizer, {}, directories[quantization], quantization=quantization)
+    return directories
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +178,47 @@ def test_int8_loss_is_within_1_percent_of_fp32_in_c_and_pytorch(runc, exports, t
     assert c_loss(runc, exports["none"], ids) == pytest.approx(fp32, rel=1e-5)
     assert c_loss(runc, exports["int8"], ids) == pytest.approx(fp32, rel=0.01)
     assert torch_loss(quantize_model(copy.deepcopy(trained_gpt), "int8"), ids) == pytest.approx(fp32, rel=0.01)
+
+
+def test_a_recipe_model_computes_what_pytorch_computes(runc, recipe_exports, recipe_gpt, tiny_tokenizer,
+                                                      mirror_texts):
+    """200 positions: past the 64-position windows, smear's previous token at every step, the value embeddings'
+    rows and gates, the scalars and backout; greedy decoding through the cache as well."""
+    ids = real_text_ids(tiny_tokenizer, mirror_texts, length=200)
+    with torch.no_grad():
+        expected = recipe_gpt(torch.tensor([ids]))[0, -1]
+    logits = c_logits(runc, recipe_exports["none"], ids)
+    assert logits.shape == (tiny_tokenizer.get_vocab_size(),)  # the padding rows are not in the file
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+    prompt = ids[:20]
+    result = run_c(runc, recipe_exports["none"], "--raw-ids", ids_arg(prompt), "--ids", "--temperature", "0",
+                   "--steps", "100")
+    assert result.returncode == 0, result.stderr
+    assert [int(token) for token in result.stdout.split()] == list(recipe_gpt.generate(prompt, 100, temperature=0.0))
+    assert c_loss(runc, recipe_exports["int8"], ids) == pytest.approx(torch_loss(recipe_gpt, ids), rel=0.01)
+
+
+def as_version_1(directory: Path, out: Path) -> Path:
+    """A plain model's version-2 export rewritten as the version-1 file an older exporter wrote: no window tensor
+    (the 64 bytes after inv_freq, here 128 bytes), zeros after the first checksum."""
+    out.mkdir()
+    shutil.copy(directory / "tokenizer.bin", out / "tokenizer.bin")
+    data = bytearray((directory / "model.bin").read_bytes())
+    windows = 256 + 128
+    assert data[windows:windows + 64] == bytes(64)  # every layer sees the whole context
+    data = data[:windows] + data[windows + 64:]
+    data[100:256] = bytes(156)
+    struct.pack_into("<I", data, 8, 1)
+    struct.pack_into("<Q", data, 88, len(data))
+    struct.pack_into("<I", data, 96, zlib.crc32(bytes(data[:96])))
+    (out / "model.bin").write_bytes(bytes(data))
+    return out
+
+
+def test_a_version_1_export_still_runs(runc, exports, trained_gpt, tiny_tokenizer, mirror_texts, tmp_path):
+    ids = real_text_ids(tiny_tokenizer, mirror_texts, length=50)
+    old = as_version_1(exports["none"], tmp_path / "v1")
+    torch.testing.assert_close(c_logits(runc, old, ids), c_logits(runc, exports["none"], ids), rtol=0, atol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -310,10 +380,6 @@ def test_export_refuses_what_the_format_cannot_express(trained_gpt, tiny_tokeniz
                            n_kv_head=1, n_embd=48))
     with pytest.raises(ExportError, match="divisible by 64"):
         export_c(narrow, tiny_tokenizer, {}, tmp_path, quantization="int8")
-    smearing = GPT(GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=1, n_head=1,
-                             n_kv_head=1, n_embd=64, smear=True))
-    with pytest.raises(ExportError, match="smear=True on"):
-        export_c(smearing, tiny_tokenizer, {}, tmp_path)
     with pytest.raises(ExportError, match="exactly the GPT's weights"):
         export_c(quantize_model(copy.deepcopy(trained_gpt), "int8"), tiny_tokenizer, {}, tmp_path)
     with pytest.raises(ExportError, match="SPLIT_PATTERN"):
@@ -328,6 +394,14 @@ def rewrite_header(data: bytes, offset: int, fmt: str, value) -> bytes:
     data = bytearray(data)
     struct.pack_into(fmt, data, offset, value)
     struct.pack_into("<I", data, 96, zlib.crc32(bytes(data[:96])))
+    return bytes(data)
+
+
+def rewrite_recipe_header(data: bytes, offset: int, fmt: str, value) -> bytes:
+    """The same for a field of the version-2 part of the header, checksummed at 252."""
+    data = bytearray(data)
+    struct.pack_into(fmt, data, offset, value)
+    struct.pack_into("<I", data, 252, zlib.crc32(bytes(data[100:252])))
     return bytes(data)
 
 
@@ -346,8 +420,12 @@ CORRUPTIONS = {
     "model one byte short": ("model.bin", lambda b: b[:-1], "truncated"),
     "model with extra bytes": ("model.bin", lambda b: b + b"\0" * 64, "longer than its header says"),
     "model bad magic": ("model.bin", lambda b: b"GGUF" + b[4:], "wrong magic"),
-    "model newer version": ("model.bin", lambda b: rewrite_header(b, 8, "<I", 2), "version 2"),
+    "model newer version": ("model.bin", lambda b: rewrite_header(b, 8, "<I", 3), "version 3"),
     "model garbled header": ("model.bin", lambda b: b[:20] + bytes([b[20] ^ 0x10]) + b[21:], "checksum"),
+    "model garbled recipe header": ("model.bin", lambda b: b[:108] + bytes([b[108] ^ 0x01]) + b[109:], "checksum"),
+    "model unknown recipe change": ("model.bin", lambda b: rewrite_recipe_header(b, 100, "<I", 16), "0x10"),
+    "model zero qk gain": ("model.bin", lambda b: rewrite_recipe_header(b, 108, "<f", 0.0), "qk_gain"),
+    "model window past the context": ("model.bin", lambda b: b[:384] + struct.pack("<I", 257) + b[388:], "window"),
     "model absurd depth": ("model.bin", lambda b: rewrite_header(b, 16, "<i", 2**31 - 1), "n_layer"),
     "model negative vocab": ("model.bin", lambda b: rewrite_header(b, 32, "<i", -5), "vocab_size"),
     "model size lie": ("model.bin", lambda b: rewrite_header(b, 44, "<i", 1024), "needs"),
