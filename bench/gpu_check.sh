@@ -16,21 +16,9 @@
 # Everything it writes goes under OUT (artifacts in OUT/base). Needs transformers for part 4.
 set -uo pipefail  # no -e: one failing part must not hide the others' numbers
 
-DRY_RUN=0
-if [ "${1:-}" = "--cpu-dry-run" ]; then DRY_RUN=1; shift; fi
-[ $# -eq 1 ] || { echo "usage: bash bench/gpu_check.sh [--cpu-dry-run] OUT_DIR" >&2; exit 2; }
-mkdir -p "$1" || exit 2
-OUT=$(cd "$1" && pwd)
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO" || exit 2
-PY=${NANOCHAT_PYTHON:-$REPO/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-export PYTHONUNBUFFERED=1 NANOCHAT_BASE_DIR="$OUT/base" NANOCHAT_PYTHON="$PY"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" "$@"
 
 if [ "$DRY_RUN" = 1 ]; then
-    export CUDA_VISIBLE_DEVICES=""  # the CPU path, even on a GPU machine
     DEPTH=2; TRAIN_FLAGS=(--depth 2 --max-seq-len 64 --device-batch-size 2 --total-batch-size 256 --eval-tokens 512)
     STREAMS=4; CAP_MIB=0
     ENGINE_ARGS=(--depth 2 --vocab-size 512 --new-tokens 8 --batch-sizes 1 4 --rounds 1)
@@ -42,12 +30,6 @@ fi
 TRAIN_FLAGS+=(--num-iterations 8 --eval-every -1 --core-metric-every -1 --sample-every -1 --save-every -1
               --model-tag gpu-check)
 
-# record PART STATUS LINE: one summary line per part
-record() { echo "$1: $2 | $3" | tee -a "$SUMMARY"; }
-machine=$("$PY" -c "from nanochat.kernels import describe_machine; import torch
-print(describe_machine('cuda' if torch.cuda.is_available() else 'cpu'))" 2>&1 | tail -1)
-[ "$DRY_RUN" = 1 ] && machine="$machine (CPU dry run at toy sizes)"
-echo "$machine" | tee -a "$SUMMARY"
 
 # 1. every stage of the micro speedrun
 start=$SECONDS

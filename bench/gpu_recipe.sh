@@ -15,24 +15,12 @@
 # several times, so its bpb compares the two recipes on one small corpus, not at FineWeb scale.
 set -uo pipefail  # no -e: one failing part must not hide the other's numbers
 
-DRY_RUN=0
-if [ "${1:-}" = "--cpu-dry-run" ]; then DRY_RUN=1; shift; fi
-[ $# -eq 1 ] || { echo "usage: bash bench/gpu_recipe.sh [--cpu-dry-run] OUT_DIR" >&2; exit 2; }
-mkdir -p "$1" || exit 2
-OUT=$(cd "$1" && pwd)
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO" || exit 2
-PY=${NANOCHAT_PYTHON:-$REPO/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-export PYTHONUNBUFFERED=1 NANOCHAT_BASE_DIR="$OUT/base"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" "$@"
 
 RECIPE_2026=(--value-embeddings --layer-scalars --smear --backout --window-pattern SSSL --rope-base 100000
              --muon-ns polar_express --normuon --momentum-warmdown --warmdown-ratio 0.65 --final-lr-frac 0.05)
 COMMON=(--eval-every -1 --core-metric-every -1 --sample-every -1 --save-every -1)
 if [ "$DRY_RUN" = 1 ]; then
-    export CUDA_VISIBLE_DEVICES=""  # the CPU path, even on a GPU machine
     SPEED_FLAGS=(--depth 2 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128 --num-iterations 3
                  --eval-tokens 256)
     RACE_FLAGS=(--depth 2 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128 --num-iterations 6
@@ -44,12 +32,6 @@ else
                 --eval-tokens 2097152)
     SPEED_DEPTH=24; RACE_DEPTH=12; VOCAB=32768  # what the mirror's ~12M characters can train
 fi
-
-record() { echo "$1: $2 | $3" | tee -a "$SUMMARY"; }
-machine=$("$PY" -c "from nanochat.kernels import describe_machine; import torch
-print(describe_machine('cuda' if torch.cuda.is_available() else 'cpu'))" 2>&1 | tail -1)
-[ "$DRY_RUN" = 1 ] && machine="$machine (CPU dry run at toy sizes)"
-echo "$machine" | tee -a "$SUMMARY"
 
 # the figures of a base_train log: its last step line's tok/s and MFU, the peak memory, the final val bpb
 tok_per_s() { grep -o 'tok/s [0-9,]*' "$1" | tail -1 | tr -dc '0-9'; }

@@ -98,22 +98,23 @@ def recipe_gpt(tiny_tokenizer, mirror_texts) -> GPT:
     return model
 
 
-@pytest.fixture(scope="module")
-def recipe_exports(recipe_gpt, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
+def export_both(model: GPT, tokenizer, tmp_path_factory, prefix: str) -> dict[str, Path]:
+    """The model exported in fp32 ("none") and in int8, each in its own directory."""
     directories = {}
     for quantization in ("none", "int8"):
-        directories[quantization] = tmp_path_factory.mktemp(f"recipe-export-{quantization}")
-        export_c(recipe_gpt, tiny_tokenizer, {}, directories[quantization], quantization=quantization)
+        directories[quantization] = tmp_path_factory.mktemp(f"{prefix}-{quantization}")
+        export_c(model, tokenizer, {}, directories[quantization], quantization=quantization)
     return directories
+
+
+@pytest.fixture(scope="module")
+def recipe_exports(recipe_gpt, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    return export_both(recipe_gpt, tiny_tokenizer, tmp_path_factory, "recipe-export")
 
 
 @pytest.fixture(scope="module")
 def exports(trained_gpt, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
-    directories = {}
-    for quantization in ("none", "int8"):
-        directories[quantization] = tmp_path_factory.mktemp(f"export-{quantization}")
-        export_c(trained_gpt, tiny_tokenizer, {}, directories[quantization], quantization=quantization)
-    return directories
+    return export_both(trained_gpt, tiny_tokenizer, tmp_path_factory, "export")
 
 
 def real_text_ids(tokenizer, mirror_texts, length: int = 250) -> list[int]:
