@@ -3,9 +3,9 @@ of the 2026 recipe: the value-embedding gate, sliding-window layers, a sharper q
 assembles the model from these).
 
 Sliding windows over a whole training chunk go through flex_attention on CUDA, with a block mask that skips the
-blocks a window cannot reach (a boolean SDPA mask would cost SDPA its flash kernel); everywhere else (CPU, MPS, and
-the KV-cache's decode shapes) through SDPA with a boolean mask. flex_attention's backward does not run on CPU, so its
-path is tested here forward-only against the SDPA one; its speed on a GPU is unmeasured.
+blocks a window cannot reach (a boolean SDPA mask would cost SDPA its flash kernel); everywhere else (CPU, MPS,
+eager inference, and the KV-cache's decode shapes) through SDPA with a boolean mask. flex_attention's backward does
+not run on CPU, so its path is tested here forward-only against the SDPA one; its speed on a GPU is unmeasured.
 """
 
 from __future__ import annotations
@@ -58,8 +58,12 @@ def visible_keys(query_positions: torch.Tensor, key_len: int, window: int | None
 
 
 def flex_windows(device: torch.device) -> bool:
-    """Whether windowed layers train through flex_attention on this device: CUDA only (no CPU backward)."""
-    return flex_attention is not None and device.type == "cuda"
+    """Whether windowed layers go through flex_attention here: on CUDA (its backward has no CPU kernel), when
+    training or compiled. Eager and without gradients (the Engine's prefill) flex_attention would materialize the
+    scores just as a masked SDPA does, which then keeps its fused mask-aware kernel."""
+    if flex_attention is None or device.type != "cuda":
+        return False
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
 @functools.lru_cache(maxsize=16)

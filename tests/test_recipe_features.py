@@ -459,6 +459,13 @@ def test_attention_matches_a_softmax_over_the_window_written_out(window_pattern,
     assert len(flex_calls) == (2 if through_flex and window_pattern == "SSL" else 0)  # the two windowed layers
 
 
+def test_windows_take_flex_attention_only_on_cuda_when_training_or_compiled():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert attention.flex_windows(cuda) and not attention.flex_windows(cpu)
+    with torch.no_grad():
+        assert not attention.flex_windows(cuda)  # eager inference: SDPA's fused masked kernel
+
+
 def test_a_window_hides_tokens_further_back_than_its_reach():
     """One windowed layer under a full one: a token more than the window back reaches a query only through the full
     layer, so with the full layer's attention output zeroed, changing it leaves that query's logits alone."""
