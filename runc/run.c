@@ -182,7 +182,7 @@ static Matrix take_matrix(Cursor *cursor, int rows, int cols, int group_size) {
     return m;
 }
 
-/* gpt.py has_value_embedding: the last layer and every other one before it. */
+/* attention.py has_value_embedding: the last layer and every other one before it. */
 static int has_value_embedding(const Config *c, int layer) {
     return (c->features & VALUE_EMBEDDINGS) && (c->n_layer - 1 - layer) % 2 == 0;
 }
