@@ -271,11 +271,9 @@ tiny)
     # run 5-12.
     NUM_SHARDS=3
     TOK_TRAIN_ARGS=(--vocab-size=4096 --max-chars=5000000)
-    # The lr warms down over the last 65% of the steps to 5% of its peak, not the last 20% to 0: on this shape that
-    # is 0.039 lower val bpb, well beyond the two seeds' spread (bench/recipe.py `warmdown65`; README's table).
     BASE_TRAIN_ARGS=(--depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=2048
                      --num-iterations=600 --eval-every=100 --eval-tokens=8192 --core-metric-every=-1 --sample-every=-1
-                     --save-every=100 --warmdown-ratio=0.65 --final-lr-frac=0.05)
+                     --save-every=100)
     BASE_LOSS_ARGS=(--device-batch-size=8 --split-tokens=16384)
     BASE_EVAL_ARGS=(--max-per-task=16)
     MID_TRAIN_ARGS=(--num-iterations=150 --device-batch-size=8 --max-seq-len=256 --total-batch-size=2048

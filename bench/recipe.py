@@ -8,9 +8,8 @@ identical token budget, one row per configuration (val bpb over seeds, wall time
 Each (configuration, seed) is one `python -m scripts.base_train` in its own temporary NANOCHAT_BASE_DIR holding the
 same tokenizer (trained once at the start on the data mirror, vocab 4096, or --tokenizer-dir), reading the same
 pretraining shards ($NANOCHAT_DATA_DIR/fineweb, else $NANOCHAT_BASE_DIR/base_data) in the same order; the seed changes
-only the weight init. The defaults are the tiny speedrun's base training shape (speedrun.sh): 8 x 256 tokens a step,
-600 steps; `baseline` is base_train's own defaults (the GPU recipe's schedule), and the tiny speedrun trains
-`warmdown65`. The final val bpb is read from the run's report metrics, tok/s is the median of its step lines.
+only the weight init. The defaults are the tiny speedrun's base training (speedrun.sh): 8 x 256 tokens a step, 600
+steps. The final val bpb is read from the run's report metrics, tok/s is the median of its step lines.
 
 A difference "exceeds the spread" when it is larger than the min-max range of either configuration's seeds: with two
 seeds that is a weak test, more --seeds make it a better one.
