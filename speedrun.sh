@@ -266,9 +266,9 @@ gpu)
     ;;
 tiny)
     # Every stage of the real pipeline on a laptop-sized budget: <= 30 minutes on 2 CPU cores. A step of the
-    # depth-4 model on 8 x 256 tokens takes 0.3 s (2 Zen 5 cores) to 0.65 s (2 Zen 3 cores), so base training's
-    # 600 steps (1.2M tokens, under one pass over the sample mirror's train shards) take 3-7 minutes and the whole
-    # run 5-12.
+    # depth-4 model on 8 x 256 tokens takes 0.3 s (2 Zen 5 cores) to 0.65-0.9 s (2 Zen 3 cores), so base training's
+    # 600 steps (1.2M tokens, under one pass over the sample mirror's train shards) take 3-9 minutes and the whole
+    # run 5-15.
     NUM_SHARDS=3
     TOK_TRAIN_ARGS=(--vocab-size=4096 --max-chars=5000000)
     BASE_TRAIN_ARGS=(--depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=2048
