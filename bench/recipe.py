@@ -56,7 +56,7 @@ CONFIGS = {
     "embedding_betas": ["--embedding-betas=0.9,0.99"],
     # Not one idea: the pieces that beat the baseline beyond its seed spread on the tiny shape, together.
     "tiny_winners": ["--value-embeddings", "--layer-scalars", "--smear", "--window-pattern=SSSL",
-                     "--warmdown-ratio=0.65", "--final-lr-frac=0.05"],
+                     "--warmdown-ratio=0.65", "--final-lr-frac=0.05", "--packing=best_fit"],
 }
 
 TOKENS_PER_SECOND = re.compile(r"\| tok/s ([\d,]+) \|")
