@@ -227,6 +227,23 @@ def test_midtraining_runs_under_torchrun_and_resuming_needs_the_same_number_of_r
 
 
 # -----------------------------------------------------------------------------
+# The midtraining mixture
+
+
+def test_spelling_keeps_its_full_mixture_share_and_does_not_drown_a_small_mirror():
+    assert mid_train.spelling_rows(mid_train.REAL_FULL_ROWS) == mid_train.SPELLING_FULL_ROWS
+    assert mid_train.spelling_rows(10 * mid_train.REAL_FULL_ROWS) == mid_train.SPELLING_FULL_ROWS  # capped
+    assert mid_train.spelling_rows(0) == 1
+    _, sizes, _ = mid_train.train_mixture({}, "default")  # the sample mirror: a few hundred real rows
+    real_rows = sum(rows for name, rows in sizes.items() if name not in ("identity", "SpellingBee"))
+    assert 0 < real_rows < 10_000, sizes
+    assert sizes["SpellingBee"] == mid_train.spelling_rows(real_rows)
+    assert sizes["SpellingBee"] / (real_rows + sizes["SpellingBee"]) < 0.15, sizes  # was 80,000 of 81,635
+    _, custom_only, _ = mid_train.train_mixture({"mine": IdentityConversations(size=3)}, "none")
+    assert custom_only == {"mine": 3}  # a custom-only mixture gets no spelling
+
+
+# -----------------------------------------------------------------------------
 # Losses fall on tiny overfit sets
 
 
