@@ -48,13 +48,17 @@ def attention_window(config: GPTConfig, layer_idx: int) -> int | None:
     return max(1, config.sequence_len // 4)
 
 
-def visible_keys(query_positions: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
-    """(..., T) query positions -> (..., T, key_len) bool: the keys each query attends to, causal and within its
-    window."""
-    key_positions = torch.arange(key_len, device=query_positions.device)
-    offset = query_positions[..., :, None] - key_positions  # how far back each key is
+def sees(offset: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether a query sees the key `offset` positions back: causal, and within its window. The one rule behind
+    both the SDPA mask and flex_attention's block mask."""
     mask = offset >= 0
     return mask if window is None else mask & (offset < window)
+
+
+def visible_keys(query_positions: torch.Tensor, key_len: int, window: int | None) -> torch.Tensor:
+    """(..., T) query positions -> (..., T, key_len) bool: the keys each query attends to."""
+    key_positions = torch.arange(key_len, device=query_positions.device)
+    return sees(query_positions[..., :, None] - key_positions, window)
 
 
 def flex_windows(device: torch.device) -> bool:
@@ -71,7 +75,7 @@ def window_block_mask(seq_len: int, window: int, device: torch.device):
     """flex_attention's block mask for causal attention within a window, one per (length, window, device): building
     it evaluates the mask at every position, so it is built once, not every step."""
     def within_window(batch, head, query, key):
-        return (query >= key) & (query - key < window)
+        return sees(query - key, window)
     return create_block_mask(within_window, None, None, seq_len, seq_len, device=device)
 
 
