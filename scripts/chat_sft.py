@@ -66,7 +66,7 @@ from tasks.custom import add_conversation_arguments, check_conversation_argument
 from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
 from tasks.smoltalk import SmolTalk
-from tasks.spellingbee import SpellingBee
+from tasks.spellingbee import sized_beside
 
 # flags that define the run: --resume with different values would not continue the same run
 RUN_DEFINING_FLAGS = dict.fromkeys(["source", "max_seq_len", "device_batch_size", "examples_per_step",
@@ -139,10 +139,11 @@ def train_mixture(custom: dict[str, object], mix: str,
         "GSM8K": lambda: GSM8K(subset="main", split="train"),  # 8K
         "SmolTalk": lambda: SmolTalk(split="train", stop=10_000),  # 10K of the 460K
         "identity": lambda: IdentityConversations(size=1000, identity=identity),
-        "SpellingBee": lambda: SpellingBee(size=300, split="train"),  # keeps the skill midtraining taught
     }
     tasks, missing = load_tasks(factories if mix == "default" else {}, "SFT mixture")
     tasks.update(custom)  # --conversations, already checked line by line
+    if mix == "default":  # keeps the skill midtraining taught: 300 beside ARC, GSM8K and the SmolTalk slice upstream
+        tasks["SpellingBee"] = sized_beside(tasks, full_rows=300, real_full_rows=2_251 + 1_119 + 7_473 + 10_000)
     require_tasks(tasks, missing, "SFT mixture")
     return TaskMixture(list(tasks.values())), {name: len(task) for name, task in tasks.items()}, missing
 

@@ -51,10 +51,7 @@ from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
-from tasks.spellingbee import SpellingBee
-
-SPELLING_FULL_ROWS = 80_000
-REAL_FULL_ROWS = 460_000 + 100_000 + 7_473  # SmolTalk, MMLU auxiliary_train and GSM8K train upstream
+from tasks.spellingbee import sized_beside
 
 # flags that define the run: --resume with different values would not continue the same run
 RUN_DEFINING_FLAGS = dict.fromkeys(["max_seq_len", "device_batch_size", "total_batch_size", "num_iterations",
@@ -102,15 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The mixtures
 
 
-def spelling_rows(real_rows: int) -> int:
-    """How many SpellingBee rows go beside `real_rows` rows of real conversations. SpellingBee is generated, so
-    its size is a choice: the share the full mixture gives it (80K beside ~568K rows of SmolTalk, MMLU and GSM8K),
-    at most 80K. A fixed 80K drowned a small mirror's data: beside the sample mirror's 635 real rows it was 98% of
-    the mixture, and the tiny run's midtraining made the model worse on held-out conversations (validation loss
-    5.54 -> 6.59 over 150 steps; 5.54 -> 3.87 at this share)."""
-    return max(1, min(SPELLING_FULL_ROWS, round(real_rows * SPELLING_FULL_ROWS / REAL_FULL_ROWS)))
-
-
 def train_mixture(custom: dict[str, object], mix: str,
                   identity: str | None = None) -> tuple[TaskMixture, dict[str, int], dict[str, str]]:
     """(mixture, sizes of the tasks in it, reasons for the tasks left out)."""
@@ -122,9 +110,8 @@ def train_mixture(custom: dict[str, object], mix: str,
     }
     tasks, missing = load_tasks(factories if mix == "default" else {}, "midtraining mixture")
     tasks.update(custom)  # --conversations, already checked line by line
-    if mix == "default":  # counting letters with a tool check
-        real_rows = sum(len(task) for name, task in tasks.items() if name != "identity")
-        tasks["SpellingBee"] = SpellingBee(size=spelling_rows(real_rows), split="train")
+    if mix == "default":  # counting letters with a tool check: 80K beside SmolTalk, MMLU and GSM8K upstream
+        tasks["SpellingBee"] = sized_beside(tasks, full_rows=80_000, real_full_rows=460_000 + 100_000 + 7_473)
     require_tasks(tasks, missing, "midtraining mixture")
     return TaskMixture(list(tasks.values())), {name: len(task) for name, task in tasks.items()}, missing
 

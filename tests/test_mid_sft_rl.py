@@ -23,6 +23,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.tokenizer import Tokenizer
 from scripts import chat_rl, chat_sft, mid_train
+from tasks import spellingbee
 from tasks.common import TaskMixture
 from tasks.gsm8k import GSM8K
 from tasks.identity import IdentityConversations
@@ -231,16 +232,20 @@ def test_midtraining_runs_under_torchrun_and_resuming_needs_the_same_number_of_r
 
 
 def test_spelling_keeps_its_full_mixture_share_and_does_not_drown_a_small_mirror():
-    assert mid_train.spelling_rows(mid_train.REAL_FULL_ROWS) == mid_train.SPELLING_FULL_ROWS
-    assert mid_train.spelling_rows(10 * mid_train.REAL_FULL_ROWS) == mid_train.SPELLING_FULL_ROWS  # capped
-    assert mid_train.spelling_rows(0) == 1
-    _, sizes, _ = mid_train.train_mixture({}, "default")  # the sample mirror: a few hundred real rows
-    real_rows = sum(rows for name, rows in sizes.items() if name not in ("identity", "SpellingBee"))
-    assert 0 < real_rows < 10_000, sizes
-    assert sizes["SpellingBee"] == mid_train.spelling_rows(real_rows)
-    assert sizes["SpellingBee"] / (real_rows + sizes["SpellingBee"]) < 0.15, sizes  # was 80,000 of 81,635
-    _, custom_only, _ = mid_train.train_mixture({"mine": IdentityConversations(size=3)}, "none")
-    assert custom_only == {"mine": 3}  # a custom-only mixture gets no spelling
+    def sized(tasks, full_rows, real_full_rows):
+        return len(spellingbee.sized_beside(tasks, full_rows, real_full_rows))
+    real_rows_600 = {"real": spellingbee.SpellingBee(size=600, split="test")}  # real rows, as far as sizes go
+    assert sized(real_rows_600, 80, 400) == 80  # 120 by the share, capped at the full size
+    assert sized(real_rows_600, 80, 4_000) == 12  # the full mixture's share
+    assert sized({"identity": IdentityConversations(size=50)}, 80, 400) == 1  # identity's generated rows are not real
+    for script, full_rows in ((mid_train, 80_000), (chat_sft, 300)):
+        _, sizes, _ = script.train_mixture({}, "default")  # the sample mirror: a few hundred real rows
+        real_rows = sum(rows for name, rows in sizes.items() if name not in ("identity", "SpellingBee"))
+        assert 0 < real_rows < 10_000, sizes
+        assert 1 <= sizes["SpellingBee"] < full_rows / 10, sizes  # was the full 80,000 (of 81,635) and 300
+        assert sizes["SpellingBee"] / (real_rows + sizes["SpellingBee"]) < 0.15, sizes
+        _, custom_only, _ = script.train_mixture({"mine": IdentityConversations(size=3)}, "none")
+        assert custom_only == {"mine": 3}  # a mixture of yours alone gets no spelling
 
 
 # -----------------------------------------------------------------------------
