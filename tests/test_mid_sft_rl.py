@@ -228,7 +228,7 @@ def test_midtraining_runs_under_torchrun_and_resuming_needs_the_same_number_of_r
 
 
 # -----------------------------------------------------------------------------
-# The midtraining mixture
+# SpellingBee's share of the midtraining and SFT mixtures
 
 
 def test_spelling_keeps_its_full_mixture_share_and_does_not_drown_a_small_mirror():
