@@ -3,7 +3,8 @@
 #   1. throughput at depth 24, the public record's depth: a few compiled base_train steps in bf16, then with --fp8:
 #      tok/s, MFU and peak memory of each, and fp8's speedup;
 #   2. a race at depth 12 on the same data and token budget: the October-2025 defaults against the 2026 pieces
-#      together (RECIPE_2026 below): val bpb and training time of each, and the difference.
+#      together (RECIPE_2026 below): val bpb and training time of each, the difference, and whether it also holds at
+#      equal time (it does when the new recipe was no slower: more time could only lower its bpb further).
 # Each part prints one line of figures and PASS/FAIL into OUT/summary.txt, its full output into OUT/<part>.log; a
 # failing part does not stop the other. Estimated at about 8 minutes on an H200, most of it compiling (not yet run
 # on one).
@@ -18,7 +19,8 @@ set -uo pipefail  # no -e: one failing part must not hide the other's numbers
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" "$@"
 
 RECIPE_2026=(--value-embeddings --layer-scalars --smear --backout --window-pattern SSSL --rope-base 100000
-             --muon-ns polar_express --normuon --momentum-warmdown --warmdown-ratio 0.65 --final-lr-frac 0.05)
+             --muon-ns polar_express --normuon --momentum-warmdown --warmdown-ratio 0.65 --final-lr-frac 0.05
+             --packing best_fit)
 COMMON=(--eval-every -1 --core-metric-every -1 --sample-every -1 --save-every -1)
 if [ "$DRY_RUN" = 1 ]; then
     SPEED_FLAGS=(--depth 2 --max-seq-len 64 --device-batch-size 2 --total-batch-size 128 --num-iterations 3
@@ -38,7 +40,8 @@ tok_per_s() { grep -o 'tok/s [0-9,]*' "$1" | tail -1 | tr -dc '0-9'; }
 step_figures() { grep '^step .*tok/s' "$1" | tail -1 | sed 's/ | eta.*//; s/^step [0-9/]* | //'; }
 peak() { grep -o 'peak memory [^|]*' "$1" | tail -1; }
 val_bpb() { grep -o 'val bpb [0-9.]*' "$1" | tail -1 | tr -dc '0-9.'; }
-train_seconds() { grep -o 'training time [0-9.]* *[a-z]*' "$1" | tail -1; }
+training_time() { grep -o 'training time [0-9.]*s' "$1" | tail -1; }
+train_seconds() { training_time "$1" | tr -dc '0-9.'; }
 
 # 0. a tokenizer on the mirror (both parts need one)
 if ! "$PY" -m scripts.tok_train --vocab-size "$VOCAB" --max-chars 20000000 > "$OUT/tok_train.log" 2>&1; then
@@ -69,14 +72,23 @@ for recipe in old new; do
     log="$OUT/race_$recipe.log"
     if "$PY" -m scripts.base_train "${RACE_FLAGS[@]}" "${COMMON[@]}" "${extra[@]}" --model-tag "race-$recipe" \
         > "$log" 2>&1; then
-        record "race_$recipe" PASS "depth $RACE_DEPTH: val bpb $(val_bpb "$log"), $(train_seconds "$log"); $(step_figures "$log")"
+        record "race_$recipe" PASS "depth $RACE_DEPTH: val bpb $(val_bpb "$log"), $(training_time "$log"); $(step_figures "$log")"
     else
         record "race_$recipe" FAIL "depth $RACE_DEPTH: $(tail -1 "$log")"
     fi
 done
 old=$(val_bpb "$OUT/race_old.log"); new=$(val_bpb "$OUT/race_new.log")
-if [ -n "$old" ] && [ -n "$new" ]; then
-    record race_difference PASS "new - old val bpb = $("$PY" -c "print(f'{$new - $old:+.4f}')")"
+t_old=$(train_seconds "$OUT/race_old.log"); t_new=$(train_seconds "$OUT/race_new.log")
+if [ -n "$old" ] && [ -n "$new" ] && [ -n "$t_old" ] && [ -n "$t_new" ]; then
+    record race_difference PASS "$("$PY" - "$old" "$new" "$t_old" "$t_new" <<'VERDICT'
+import sys
+old, new, t_old, t_new = map(float, sys.argv[1:])
+ratio = t_new / max(t_old, 1e-9)
+equal_time = ("also at equal time: the new recipe was no slower" if ratio <= 1 else
+              "not by itself an equal-time result: the new recipe had more time")
+print(f"new - old val bpb = {new - old:+.4f} at equal tokens; training time new / old = {ratio:.3f}, {equal_time}")
+VERDICT
+)"
 fi
 
 ! grep -q ': FAIL |' "$SUMMARY"

@@ -460,7 +460,7 @@ def log_report(args, report, loop: dict, counts: dict, flops_per_token: float, n
     total_tokens = args.total_batch_size * num_iterations
     peak_memory = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f}GiB ({torch.cuda.max_memory_reserved() / 2**30:.2f}"
                    f"GiB reserved)" if device_type == "cuda" else "n/a")
-    print0(f"done: min val bpb {loop['min_val_bpb']:.4f}, training time {loop['total_training_time'] / 60:.2f}m, "
+    print0(f"done: min val bpb {loop['min_val_bpb']:.4f}, training time {loop['total_training_time']:.1f}s, "
            f"peak memory {peak_memory}")
     report.log(BASE_TRAINING, [
         {key: value for key, value in vars(args).items() if key != "run"},

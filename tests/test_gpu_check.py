@@ -4,6 +4,7 @@ dry runs (every part at toy sizes) pass here, and each summary has a line of fig
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,3 +41,4 @@ def test_the_gpu_recipe_dry_run_passes_every_part(tmp_path):
                                       "race_difference"], "PASS")
     assert "fp8: 0 linear layers" in summary  # toy layers are narrower than fp8's threshold: the flag still runs
     assert summary.count("val bpb ") == 3 and "new - old val bpb = " in summary  # the two races, their difference
+    assert re.search(r"training time new / old = \d+\.\d{3}, (also at equal time|not by itself an equal-time)", summary)
