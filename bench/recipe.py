@@ -54,7 +54,8 @@ CONFIGS = {
     "cautious_wd": ["--muon-weight-decay=0.1"],
     "momentum_warmdown": ["--momentum-warmdown"],
     "embedding_betas": ["--embedding-betas=0.9,0.99"],
-    # Not one idea: the pieces that beat the baseline beyond its seed spread on the tiny shape, together.
+    # Not one idea: the pieces that had beaten the baseline beyond its seed spread on both seeds of the tiny shape
+    # when it was defined, together (not momentum warmdown, whose second seed came in with these runs).
     "tiny_winners": ["--value-embeddings", "--layer-scalars", "--smear", "--window-pattern=SSSL",
                      "--warmdown-ratio=0.65", "--final-lr-frac=0.05", "--packing=best_fit"],
 }
